@@ -1,0 +1,409 @@
+"""Typed, frozen experiment configuration.
+
+An experiment is one `ExperimentConfig`: a model, a mesh, an optimizer, data, a training
+schedule and decoding defaults. Every field is validated when the dataclass is built, so
+a bad value fails here, naming the field, before anything is traced or compiled.
+
+Configs change only through `override` (dotted `key=value` strings from the command line)
+or `dataclasses.replace`, and round-trip through JSON (`to_json` / `from_json`), which is
+how checkpoints record the configuration that produced them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from typing import Any, Literal, Optional, Sequence, get_args, get_origin
+
+# The choices below are the single source of truth: validation and the override parser
+# both read them from the type annotations.
+MaskKind = Literal["causal", "prefix", "bidirectional"]
+PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "none"]
+RopeScaling = Literal["none", "linear", "llama3"]
+NormKind = Literal["layernorm", "rmsnorm"]
+Activation = Literal["gelu", "gelu_exact", "relu", "silu", "swiglu", "geglu"]
+RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention_mlp_out"]
+AttentionImpl = Literal["einsum", "dot_product"]
+ComputeDtype = Literal["auto", "float32", "bfloat16"]
+ParamDtype = Literal["float32", "bfloat16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value or override is invalid; the message names the field."""
+
+
+def _check_literals(obj: Any) -> None:
+    """Reject any Literal-typed field whose value is not one of its choices."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        choices = _literal_choices(hints[f.name])
+        value = getattr(obj, f.name)
+        if choices is not None and value not in choices and value is not None:
+            raise ConfigError(
+                f"{type(obj).__name__}.{f.name}={value!r} is not allowed; "
+                f"choose one of {', '.join(map(repr, choices))}"
+            )
+
+
+def _literal_choices(tp: Any) -> tuple | None:
+    if get_origin(tp) is Literal:
+        return get_args(tp)
+    if _is_optional(tp):
+        return _literal_choices(_strip_optional(tp))
+    return None
+
+
+def _is_optional(tp: Any) -> bool:
+    return get_origin(tp) in (typing.Union, types.UnionType) and type(None) in get_args(tp)
+
+
+def _strip_optional(tp: Any) -> Any:
+    args = [a for a in get_args(tp) if a is not type(None)]
+    return args[0] if len(args) == 1 else typing.Union[tuple(args)]
+
+
+def _require(cond: bool, field: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that decides the model's parameters and its forward pass."""
+
+    vocab_size: int = 256
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    # None means multi-head attention (n_kv_heads == n_heads); 1 is multi-query.
+    n_kv_heads: Optional[int] = None
+    d_ff: int = 256
+    max_seq_len: int = 128
+
+    mask: MaskKind = "causal"
+    position: PositionKind = "rope"
+    rope_theta: float = 10_000.0
+    rope_scaling: RopeScaling = "none"
+    rope_scaling_factor: float = 1.0
+    # Llama-3 style frequency-dependent scaling; ignored by the other scalings.
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    # T5 relative position buckets (position="relative").
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    # Attend only to the last `sliding_window` keys (Mistral); None attends to all.
+    sliding_window: Optional[int] = None
+
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: Activation = "swiglu"
+    # PaLM / GPT-J: attention and MLP read the same normed input and are summed.
+    parallel_block: bool = False
+    tie_embeddings: bool = True
+    use_bias: bool = False
+    # Qwen2 puts biases on the q/k/v projections only; None follows use_bias.
+    qkv_bias: Optional[bool] = None
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    init_std: float = 0.02
+
+    scan_layers: bool = True
+    remat: RematPolicy = "none"
+    attention: AttentionImpl = "einsum"
+    dtype: ComputeDtype = "auto"
+    param_dtype: ParamDtype = "float32"
+
+    def __post_init__(self):
+        _check_literals(self)
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(
+            self.d_model % self.n_heads == 0,
+            "model.n_heads",
+            f"n_heads={self.n_heads} must divide d_model={self.d_model} "
+            f"(divisors of d_model up to 128: {_divisors(self.d_model)})",
+        )
+        _require(
+            self.n_kv_heads is None or (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0),
+            "model.n_kv_heads",
+            f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads} "
+            f"(allowed: {_divisors(self.n_heads)})",
+        )
+        for name in ("dropout", "attention_dropout"):
+            v = getattr(self, name)
+            _require(0.0 <= v < 1.0, f"model.{name}", f"must be in [0, 1), got {v}")
+        _require(
+            not (self.attention == "dot_product" and self.attention_dropout > 0),
+            "model.attention_dropout",
+            "jax.nn.dot_product_attention has no attention dropout; use attention='einsum'",
+        )
+        _require(self.rope_scaling_factor >= 1.0, "model.rope_scaling_factor", "must be >= 1")
+        _require(
+            self.sliding_window is None or self.sliding_window > 0,
+            "model.sliding_window",
+            f"must be positive or None, got {self.sliding_window}",
+        )
+        _require(self.relative_buckets >= 2, "model.relative_buckets", "must be >= 2")
+        _require(self.norm_eps > 0, "model.norm_eps", "must be positive")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("swiglu", "geglu")
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, 128) + 1) if n % d == 0]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh axis sizes; one of them may be -1, meaning "all remaining devices"."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    pipeline: int = 1
+
+    def __post_init__(self):
+        sizes = dataclasses.asdict(self)
+        for name, v in sizes.items():
+            _require(v == -1 or v > 0, f"mesh.{name}", f"must be positive or -1, got {v}")
+        _require(
+            list(sizes.values()).count(-1) <= 1,
+            "mesh",
+            f"at most one axis may be -1 (the rest), got {sizes}",
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["adamw", "adafactor", "lion"] = "adamw"
+    lr: float = 3e-4
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    # The schedule decays to lr * min_lr_ratio at the last training step.
+    min_lr_ratio: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: Optional[float] = 1.0
+
+    def __post_init__(self):
+        _check_literals(self)
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "must be in [0, 1)")
+        _require(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "must be positive or None")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    # "stdlib": the running interpreter's standard library source (always present).
+    source: Literal["stdlib", "text", "tfds"] = "stdlib"
+    path: Optional[str] = None
+    tfds_name: Optional[str] = None
+    tokenizer: Literal["sentencepiece", "char"] = "sentencepiece"
+    tokenizer_model: Literal["bpe", "unigram"] = "bpe"
+    seq_len: int = 128
+    validation_fraction: float = 0.05
+
+    def __post_init__(self):
+        _check_literals(self)
+        _require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
+        _require(0 < self.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    microbatches: int = 1
+    eval_every: int = 200
+    eval_steps: int = 20
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    z_loss: float = 0.0
+    # A run stops after this many consecutive steps with a non-finite loss or gradient.
+    max_bad_steps: int = 20
+    seed: int = 0
+    run_dir: str = "runs/default"
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "microbatches", "eval_every", "log_every",
+                     "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+            _require(getattr(self, name) > 0, f"train.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(
+            self.batch_size % self.microbatches == 0,
+            "train.microbatches",
+            f"microbatches={self.microbatches} must divide batch_size={self.batch_size}",
+        )
+        _require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0  # 0 disables top-k
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    beam_size: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        _require(self.max_new_tokens > 0, "decode.max_new_tokens", "must be positive")
+        _require(self.temperature >= 0, "decode.temperature", f"must be >= 0, got {self.temperature}")
+        _require(self.top_k >= 0, "decode.top_k", "must be >= 0 (0 disables it)")
+        _require(0 < self.top_p <= 1, "decode.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(0 <= self.min_p < 1, "decode.min_p", f"must be in [0, 1), got {self.min_p}")
+        _require(self.repetition_penalty > 0, "decode.repetition_penalty", "must be positive")
+        _require(self.beam_size >= 1, "decode.beam_size", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment: what `experiments/<name>.py:config()` returns."""
+
+    name: str = "experiment"
+    model: ModelConfig = ModelConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    decode: DecodeConfig = DecodeConfig()
+
+    def __post_init__(self):
+        _require(
+            self.data.seq_len <= self.model.max_seq_len,
+            "data.seq_len",
+            f"seq_len={self.data.seq_len} exceeds the model's context model.max_seq_len={self.model.max_seq_len}",
+        )
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def override(config: Any, assignments: Sequence[str]) -> Any:
+    """Apply dotted `key=value` assignments (e.g. `model.n_layers=8`) to a frozen config."""
+    for assignment in assignments:
+        if "=" not in assignment:
+            raise ConfigError(f"override {assignment!r} must look like key=value, e.g. model.n_layers=8")
+        key, raw = assignment.split("=", 1)
+        config = _set_path(config, key.strip().split("."), raw.strip(), key.strip())
+    return config
+
+
+def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
+    names = [f.name for f in dataclasses.fields(obj)]
+    head = path[0]
+    if head not in names:
+        raise ConfigError(
+            f"unknown config key {full_key!r}: {type(obj).__name__} has no field {head!r}; "
+            f"valid keys here: {', '.join(names)}"
+        )
+    current = getattr(obj, head)
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ConfigError(f"config key {full_key!r}: {head!r} is a value, not a section")
+        value = _set_path(current, path[1:], raw, full_key)
+    else:
+        if dataclasses.is_dataclass(current):
+            sub = ", ".join(f"{head}.{f.name}" for f in dataclasses.fields(current))
+            raise ConfigError(f"config key {full_key!r} is a section; set one of its fields: {sub}")
+        value = _parse(raw, typing.get_type_hints(type(obj))[head], full_key)
+    return dataclasses.replace(obj, **{head: value})
+
+
+def _parse(raw: str, tp: Any, key: str) -> Any:
+    if _is_optional(tp):
+        if raw.lower() in ("none", "null"):
+            return None
+        return _parse(raw, _strip_optional(tp), key)
+    choices = _literal_choices(tp)
+    if choices is not None:
+        if raw not in choices:
+            raise ConfigError(f"{key}={raw!r} is not allowed; choose one of {', '.join(map(repr, choices))}")
+        return raw
+    if tp is bool:
+        if raw.lower() in ("true", "1", "yes"):
+            return True
+        if raw.lower() in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{key} expects a bool (true/false), got {raw!r}")
+    if tp in (int, float):
+        try:
+            return tp(raw) if tp is float else int(raw)
+        except ValueError:
+            raise ConfigError(f"{key} expects {tp.__name__}, got {raw!r}") from None
+    if tp is str:
+        return raw
+    raise ConfigError(f"{key}: overriding a field of type {tp} from the command line is not supported")
+
+
+# ------------------------------------------------------------------------------- JSON
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(to_dict(config), indent=2, sort_keys=True)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config dataclass from `to_dict` output, checking every key and type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} expects a JSON object, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {sorted(unknown)}; valid keys: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value)
+        else:
+            kwargs[name] = _check_json_value(value, tp, f"{cls.__name__}.{name}")
+    return cls(**kwargs)
+
+
+def _check_json_value(value: Any, tp: Any, key: str) -> Any:
+    if _is_optional(tp):
+        return None if value is None else _check_json_value(value, _strip_optional(tp), key)
+    if _literal_choices(tp) is not None or tp is str:
+        ok = isinstance(value, str)
+    elif tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = True
+    if not ok:
+        raise ConfigError(f"{key} expects {getattr(tp, '__name__', tp)}, got {value!r}")
+    return value
+
+
+def from_json(text: str) -> ExperimentConfig:
+    return from_dict(ExperimentConfig, json.loads(text))

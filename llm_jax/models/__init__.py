@@ -1,0 +1,35 @@
+"""The Transformer model family.
+
+Shape letters, used in variable names (`x_BTD`) and einsum strings throughout:
+
+    B batch          T query length     S key length (cache size when decoding)
+    D model width    F MLP hidden       V vocabulary
+    N query heads    K key/value heads  G query heads per kv head (N // K)
+    H head dim       L layers
+
+Logical axis names carried by every parameter: `embed, mlp, heads, kv_heads, head_dim,
+vocab, layers`; activations are constrained on `batch, length, embed` (and `heads`,
+`vocab` where they matter). One rules table in `llm_jax.parallel` maps them onto a mesh.
+"""
+
+from llm_jax.models.attention import KVCache
+from llm_jax.models.transformer import (
+    Transformer,
+    count_params,
+    init_params,
+    param_logical_axes,
+    param_shapes,
+    stack_layer_params,
+    unstack_layer_params,
+)
+
+__all__ = [
+    "KVCache",
+    "Transformer",
+    "count_params",
+    "init_params",
+    "param_logical_axes",
+    "param_shapes",
+    "stack_layer_params",
+    "unstack_layer_params",
+]

@@ -1,0 +1,199 @@
+"""Attention: masks, position biases, the key/value cache and the attention layer.
+
+Masks are built once per forward pass from integer positions (`AttentionContext`) and
+shared by every layer, so a layer never decides what it may attend to. The same rule
+serves training and decoding:
+
+    key s is visible to query t  iff  k_pos[s] <= q_pos[t]                    (causal)
+                                      or both tokens are in the prefix        (prefix-LM)
+                                  and  they belong to the same segment        (packing)
+                                  and  q_pos[t] - k_pos[s] < sliding_window   (if set)
+
+When decoding, cache slot s holds the token at position s, so `k_pos` is just `arange(S)`
+and unwritten slots are invisible because they lie in the future.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import ModelConfig
+from llm_jax.models import positions as pos_lib
+from llm_jax.models.layers import compute_dtype, dense
+
+# A large negative logit instead of -inf: a fully masked row (padding) softmaxes to a
+# uniform distribution rather than NaN, and its output is never read.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, plus what each batch row has written so far.
+
+    k, v:   [L, B, S, K, H]  in the compute dtype
+    end:    [B] int32        slots filled per row; the next token is written at `end`
+    prefix: [B, S] bool      which filled slots are prefix tokens (prefix-LM only)
+    """
+
+    k: jax.Array
+    v: jax.Array
+    end: jax.Array
+    prefix: jax.Array
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        if max_len > cfg.max_seq_len:
+            raise ValueError(
+                f"cache length {max_len} exceeds the model's context model.max_seq_len={cfg.max_seq_len}"
+            )
+        if cfg.mask == "bidirectional":
+            raise ValueError("model.mask='bidirectional' has no causal order to decode with a cache")
+        shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        dtype = compute_dtype(cfg) if dtype is None else dtype
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            end=jnp.zeros((batch,), jnp.int32),
+            prefix=jnp.zeros((batch, max_len), bool),
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+@flax.struct.dataclass
+class AttentionContext:
+    """Per-forward-pass attention inputs shared by all layers."""
+
+    q_pos: jax.Array  # [B, T] positions of the queries (RoPE angles)
+    mask: jax.Array  # [B, 1, T, S] bool
+    bias: jax.Array | None  # [B, N, T, S] f32 (ALiBi / relative buckets) or None
+    write_at: jax.Array | None  # [B] cache slot of the first new token, None without cache
+
+
+def attention_mask(
+    cfg: ModelConfig,
+    q_pos_BT: jax.Array,
+    k_pos_BS: jax.Array,
+    q_prefix_BT: jax.Array | None = None,
+    k_prefix_BS: jax.Array | None = None,
+    q_segment_BT: jax.Array | None = None,
+    k_segment_BS: jax.Array | None = None,
+) -> jax.Array:
+    """The boolean mask [B, 1, T, S] described in the module docstring."""
+    q = q_pos_BT[:, :, None]
+    k = k_pos_BS[:, None, :]
+    if cfg.mask == "bidirectional":
+        mask = jnp.ones(q.shape[:2] + k.shape[2:], bool)
+    else:
+        mask = k <= q
+        if cfg.mask == "prefix" and q_prefix_BT is not None:
+            mask = mask | (q_prefix_BT[:, :, None] & k_prefix_BS[:, None, :])
+    if cfg.sliding_window is not None:
+        mask = mask & (q - k < cfg.sliding_window)
+    if q_segment_BT is not None:
+        mask = mask & (q_segment_BT[:, :, None] == k_segment_BS[:, None, :])
+    return mask[:, None]
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned per-head bias over bucketed key - query offsets, shared by all layers."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, q_pos_BT, k_pos_BS):
+        cfg = self.cfg
+        table = self.param(
+            "embedding",
+            nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), (None, "heads")),
+            (cfg.relative_buckets, cfg.n_heads),
+            jnp.float32,
+        )
+        buckets_BTS = pos_lib.relative_buckets(
+            k_pos_BS[:, None, :] - q_pos_BT[:, :, None],
+            bidirectional=cfg.mask != "causal",
+            n_buckets=cfg.relative_buckets,
+            max_distance=cfg.relative_max_distance,
+        )
+        return jnp.moveaxis(table[buckets_BTS], -1, 1)  # [B, N, T, S]
+
+
+def _attend_einsum(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, dropout: nn.Dropout | None):
+    """Reference attention: explicit scores, f32 softmax, grouped heads without repeating K/V."""
+    B, T, N, H = q_BTNH.shape
+    K = k_BSKH.shape[2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) * H**-0.5
+    if bias_BNTS is not None:
+        scores = scores + bias_BNTS.reshape(B, K, N // K, T, -1)
+    scores = jnp.where(mask_B1TS[:, :, None], scores, _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    if dropout is not None:
+        probs = dropout(probs)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+    return out.reshape(B, T, N, H)
+
+
+def _attend_dot_product(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS):
+    """`jax.nn.dot_product_attention`: XLA on CPU/TPU, cuDNN flash attention on GPUs."""
+    bias = None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype)
+    return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask_B1TS)
+
+
+def _write(cache_BSKH, new_BTKH, start_B):
+    """Write each row's new entries at its own offset."""
+    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache_BSKH, new_BTKH, start_B)
+
+
+class Attention(nn.Module):
+    """Multi-head / grouped-query / multi-query self-attention with an optional KV cache."""
+
+    cfg: ModelConfig
+    out_std: float
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD, ctx: AttentionContext, kv=None):
+        """Attend over `x` (training) or over the cache after writing `x`'s keys into it.
+
+        `kv` is this layer's `(k_BSKH, v_BSKH)` cache entry or None; the updated entry is
+        returned alongside the output.
+        """
+        cfg = self.cfg
+        qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
+        N, K, H = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        q_BTNH = dense(cfg, (N, H), ("embed", "heads", "head_dim"), bias=qkv_bias, name="query")(x_BTD)
+        k_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="key")(x_BTD)
+        v_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="value")(x_BTD)
+        q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
+        if cfg.position == "rope":
+            inv_freq = pos_lib.rope_inverse_frequencies(cfg)
+            q_BTNH = pos_lib.apply_rope(q_BTNH, ctx.q_pos, inv_freq)
+            k_BTKH = pos_lib.apply_rope(k_BTKH, ctx.q_pos, inv_freq)
+
+        if kv is None:
+            k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
+        else:
+            k_cache, v_cache = kv
+            k_BSKH = _write(k_cache, k_BTKH.astype(k_cache.dtype), ctx.write_at)
+            v_BSKH = _write(v_cache, v_BTKH.astype(v_cache.dtype), ctx.write_at)
+            new_kv = (k_BSKH, v_BSKH)
+            k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+
+        if cfg.attention == "dot_product":
+            out_BTNH = _attend_dot_product(q_BTNH, k_BSKH, v_BSKH, ctx.mask, ctx.bias)
+        else:
+            drop = None
+            if cfg.attention_dropout > 0 and not self.deterministic:
+                drop = nn.Dropout(cfg.attention_dropout, deterministic=False)
+            out_BTNH = _attend_einsum(q_BTNH, k_BSKH, v_BSKH, ctx.mask, ctx.bias, drop)
+        out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
+        out_BTD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_axis=(-2, -1), std=self.out_std, name="out")(
+            out_BTNH
+        )
+        return out_BTD, new_kv

@@ -1,0 +1,105 @@
+"""Building blocks: the precision policy, projections with logical axes, norms, the MLP."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from llm_jax.config import ModelConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(cfg: ModelConfig) -> jnp.dtype:
+    """The precision policy: bf16 compute on accelerators; f32 where `auto` meets a CPU.
+
+    CPUs without bf16 units run bf16 matmuls slower than f32, so `auto` keeps f32 there.
+    Parameters stay in `param_dtype` (f32 master weights); logits and softmax are f32.
+    """
+    if cfg.dtype == "auto":
+        return jnp.bfloat16 if jax.default_backend() in ("gpu", "tpu") else jnp.float32
+    return _DTYPES[cfg.dtype]
+
+
+def param_dtype(cfg: ModelConfig) -> jnp.dtype:
+    return _DTYPES[cfg.param_dtype]
+
+
+def dense(
+    cfg: ModelConfig,
+    features: int | Sequence[int],
+    axes: tuple[str, ...],
+    *,
+    in_axis: int | Sequence[int] = -1,
+    bias: bool | None = None,
+    std: float | None = None,
+    name: str,
+) -> nn.DenseGeneral:
+    """A projection whose kernel (and bias) carry logical axis names `axes` (inputs first)."""
+    features_t = (features,) if isinstance(features, int) else tuple(features)
+    use_bias = cfg.use_bias if bias is None else bias
+    init = nn.initializers.normal(cfg.init_std if std is None else std)
+    return nn.DenseGeneral(
+        features=features_t,
+        axis=in_axis,
+        use_bias=use_bias,
+        dtype=compute_dtype(cfg),
+        param_dtype=param_dtype(cfg),
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(features_t):]),
+        name=name,
+    )
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, statistics in f32."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        x32 = x.astype(jnp.float32)
+        if cfg.norm == "layernorm":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        x32 = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + cfg.norm_eps)
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)), (x.shape[-1],), param_dtype(cfg)
+        )
+        y = x32 * scale.astype(jnp.float32)
+        if cfg.norm == "layernorm" and cfg.use_bias:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)), (x.shape[-1],), param_dtype(cfg)
+            )
+            y = y + bias.astype(jnp.float32)
+        return y.astype(compute_dtype(cfg))
+
+
+_ACTIVATIONS = {
+    "gelu": lambda x: nn.gelu(x, approximate=True),  # GPT-2's tanh approximation
+    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swiglu": nn.silu,
+    "geglu": lambda x: nn.gelu(x, approximate=True),
+}
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: act(x W_in) W_out, or act(x W_gate) * (x W_up) W_out when gated."""
+
+    cfg: ModelConfig
+    out_std: float
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.cfg
+        act = _ACTIVATIONS[cfg.activation]
+        h_BTF = act(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_gate" if cfg.gated else "wi")(x_BTD))
+        if cfg.gated:
+            h_BTF = h_BTF * dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_up")(x_BTD)
+        h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
+        return dense(cfg, cfg.d_model, ("mlp", "embed"), std=self.out_std, name="wo")(h_BTF)

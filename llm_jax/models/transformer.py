@@ -1,0 +1,225 @@
+"""The decoder-only Transformer: causal LM, prefix-LM and bidirectional (encoder) variants.
+
+    tokens -> embed (+ learned / sinusoidal positions) -> L x Block -> norm -> logits
+
+    Block (pre-norm):   x += Attention(Norm(x));  x += MLP(Norm(x))
+    Block (parallel):   h = Norm(x);  x += Attention(h) + MLP(h)          (PaLM, GPT-J)
+
+The layer stack is one `nn.scan` (parameters carry a leading `layers` axis) under
+`nn.remat` with a named policy; `scan_layers=False` unrolls it into `layers_0..L-1` with
+identical results (`unstack_layer_params` converts between the two).
+
+`Transformer.__call__` always returns `(logits_BTV, cache)`: the cache is None unless one
+was passed in, in which case the new tokens' keys and values have been written into it.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from llm_jax.config import ModelConfig
+from llm_jax.models import positions as pos_lib
+from llm_jax.models.attention import (
+    Attention,
+    AttentionContext,
+    KVCache,
+    RelativePositionBias,
+    attention_mask,
+)
+from llm_jax.models.layers import MLP, Norm, compute_dtype, dense, param_dtype
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "save_dots": jax.checkpoint_policies.dots_saveable,
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_mlp_out": jax.checkpoint_policies.save_only_these_names("attention_out", "mlp_out"),
+}
+
+
+class Block(nn.Module):
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD, ctx: AttentionContext, kv=None):
+        cfg = self.cfg
+        # GPT-2's scaled init: residual-branch outputs shrink with depth.
+        out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        h_BTD = Norm(cfg, name="attention_norm")(x_BTD)
+        attn_BTD, kv = Attention(cfg, out_std, self.deterministic, name="attention")(h_BTD, ctx, kv)
+        attn_BTD = checkpoint_name(attn_BTD, "attention_out")
+        if cfg.parallel_block:
+            mlp_BTD = MLP(cfg, out_std, name="mlp")(h_BTD)
+            x_BTD = x_BTD + drop(attn_BTD) + drop(checkpoint_name(mlp_BTD, "mlp_out"))
+        else:
+            x_BTD = x_BTD + drop(attn_BTD)
+            mlp_BTD = MLP(cfg, out_std, name="mlp")(Norm(cfg, name="mlp_norm")(x_BTD))
+            x_BTD = x_BTD + drop(checkpoint_name(mlp_BTD, "mlp_out"))
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+        return x_BTD, kv
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT: jax.Array,
+        positions_BT: jax.Array | None = None,
+        segment_ids_BT: jax.Array | None = None,
+        prefix_mask_BT: jax.Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Logits [B, T, V] in f32, and the updated cache (None when none was given).
+
+        positions_BT:   per-token positions (restarting per packed document); default 0..T-1.
+        segment_ids_BT: packed-document ids; tokens attend only within their segment.
+        prefix_mask_BT: prefix-LM only: True on prefix tokens, which attend bidirectionally.
+        cache:          decode against a `KVCache`: positions continue from `cache.end`.
+        """
+        cfg = self.cfg
+        ctx, new_prefix = self._context(tokens_BT, positions_BT, segment_ids_BT, prefix_mask_BT, cache)
+
+        embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.d_model,
+            dtype=compute_dtype(cfg),
+            param_dtype=param_dtype(cfg),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std), ("vocab", "embed")),
+            name="embed",
+        )
+        x_BTD = embed(tokens_BT)
+        if cfg.position == "learned":
+            x_BTD = x_BTD + nn.Embed(
+                cfg.max_seq_len,
+                cfg.d_model,
+                dtype=compute_dtype(cfg),
+                param_dtype=param_dtype(cfg),
+                embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.init_std / 2), (None, "embed")),
+                name="position_embed",
+            )(ctx.q_pos)
+        elif cfg.position == "sinusoidal":
+            x_BTD = x_BTD + pos_lib.sinusoidal(ctx.q_pos, cfg.d_model).astype(x_BTD.dtype)
+        x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
+        x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
+
+        kv = None if cache is None else (cache.k, cache.v)
+        x_BTD, kv = self._layers(x_BTD, ctx, kv, deterministic)
+
+        x_BTD = Norm(cfg, name="final_norm")(x_BTD)
+        if cfg.tie_embeddings:
+            logits_BTV = embed.attend(x_BTD)
+        else:
+            logits_BTV = dense(cfg, cfg.vocab_size, ("embed", "vocab"), bias=False, name="unembed")(x_BTD)
+        logits_BTV = nn.with_logical_constraint(logits_BTV.astype(jnp.float32), ("batch", "length", "vocab"))
+
+        if cache is None:
+            return logits_BTV, None
+        T = tokens_BT.shape[1]
+        return logits_BTV, KVCache(k=kv[0], v=kv[1], end=cache.end + T, prefix=new_prefix)
+
+    def _context(self, tokens_BT, positions_BT, segment_ids_BT, prefix_mask_BT, cache):
+        """Positions, mask and position bias for this pass; also the cache's new prefix flags."""
+        cfg = self.cfg
+        B, T = tokens_BT.shape
+        if prefix_mask_BT is not None and cfg.mask != "prefix":
+            raise ValueError(f"prefix_mask was given but model.mask={cfg.mask!r}; it applies to mask='prefix' only")
+        if cache is None:
+            if T > cfg.max_seq_len:
+                raise ValueError(f"sequence length {T} exceeds model.max_seq_len={cfg.max_seq_len}")
+            q_pos = jnp.broadcast_to(jnp.arange(T), (B, T)) if positions_BT is None else positions_BT
+            k_pos, k_prefix, new_prefix, write_at = q_pos, prefix_mask_BT, None, None
+            mask = attention_mask(cfg, q_pos, k_pos, prefix_mask_BT, k_prefix, segment_ids_BT, segment_ids_BT)
+        else:
+            if positions_BT is not None or segment_ids_BT is not None:
+                raise ValueError("with a cache, positions follow cache.end; positions/segment_ids must be None")
+            write_at = cache.end
+            q_pos = write_at[:, None] + jnp.arange(T)[None, :]
+            k_pos = jnp.broadcast_to(jnp.arange(cache.max_len), (B, cache.max_len))
+            q_prefix = jnp.zeros((B, T), bool) if prefix_mask_BT is None else prefix_mask_BT
+            new_prefix = jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s,)))(
+                cache.prefix, q_prefix, write_at
+            )
+            mask = attention_mask(cfg, q_pos, k_pos, q_prefix, new_prefix)
+
+        bias = None
+        if cfg.position == "alibi":
+            bias = pos_lib.alibi_bias(q_pos, k_pos, cfg.n_heads)
+        elif cfg.position == "relative":
+            bias = RelativePositionBias(cfg, name="relative_bias")(q_pos, k_pos)
+        return AttentionContext(q_pos=q_pos, mask=mask, bias=bias, write_at=write_at), new_prefix
+
+    def _layers(self, x_BTD, ctx, kv, deterministic):
+        cfg = self.cfg
+        block = Block
+        if cfg.remat != "none":
+            # Inside scan the loop boundary already prevents CSE from undoing remat.
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if cfg.scan_layers:
+            stack = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, 0),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            return stack(cfg, deterministic, name="layers")(x_BTD, ctx, kv)
+        new_k, new_v = [], []
+        for i in range(cfg.n_layers):
+            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, ctx, layer_kv)
+            if layer_kv is not None:
+                new_k.append(layer_kv[0])
+                new_v.append(layer_kv[1])
+        return x_BTD, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+
+
+# ----------------------------------------------------------------------- parameters
+
+
+def _dummy_tokens(cfg: ModelConfig):
+    return jnp.zeros((1, min(8, cfg.max_seq_len)), jnp.int32)
+
+
+def param_shapes(cfg: ModelConfig):
+    """Abstract (ShapeDtypeStruct) parameters, with logical-axis metadata; nothing allocated."""
+    model = Transformer(cfg)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_tokens(cfg)))["params"]
+
+
+def param_logical_axes(cfg: ModelConfig):
+    """A tree, shaped like the params, of `PartitionSpec`s of logical axis names."""
+    return nn.get_partition_spec(param_shapes(cfg))
+
+
+def count_params(cfg: ModelConfig) -> int:
+    return sum(x.size for x in jax.tree.leaves(nn.unbox(param_shapes(cfg))))
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array):
+    """Randomly initialised parameters as a plain pytree (logical metadata removed)."""
+    return nn.unbox(Transformer(cfg).init(rng, _dummy_tokens(cfg))["params"])
+
+
+def unstack_layer_params(params, n_layers: int):
+    """Scanned params (`layers` with a leading L axis) -> unrolled `layers_0..L-1`."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(n_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return params
+
+
+def stack_layer_params(params, n_layers: int):
+    """Unrolled `layers_0..L-1` -> scanned `layers` with a leading L axis."""
+    params = dict(params)
+    layers = [params.pop(f"layers_{i}") for i in range(n_layers)]
+    params["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return params
