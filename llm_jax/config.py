@@ -34,15 +34,27 @@ class ConfigError(ValueError):
     """A configuration value or override is invalid; the message names the field."""
 
 
+# How each section is spelled in dotted keys, so errors name fields as users type them.
+_SECTIONS = {
+    "ModelConfig": "model",
+    "MeshConfig": "mesh",
+    "OptimConfig": "optim",
+    "DataConfig": "data",
+    "TrainConfig": "train",
+    "DecodeConfig": "decode",
+}
+
+
 def _check_literals(obj: Any) -> None:
     """Reject any Literal-typed field whose value is not one of its choices."""
     hints = typing.get_type_hints(type(obj))
+    section = _SECTIONS.get(type(obj).__name__, type(obj).__name__)
     for f in dataclasses.fields(obj):
         choices = _literal_choices(hints[f.name])
         value = getattr(obj, f.name)
         if choices is not None and value not in choices and value is not None:
             raise ConfigError(
-                f"{type(obj).__name__}.{f.name}={value!r} is not allowed; "
+                f"{section}.{f.name}={value!r} is not allowed; "
                 f"choose one of {', '.join(map(repr, choices))}"
             )
 

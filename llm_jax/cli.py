@@ -1,0 +1,133 @@
+"""The `llm-jax` command.
+
+    llm-jax forward  [--experiment NAME] [key=value ...]   one forward pass of a model
+    llm-jax params   [--experiment NAME] [key=value ...]   parameter shapes, axes, counts
+    llm-jax config   [--experiment NAME] [key=value ...]   the resolved config as JSON
+    llm-jax experiments                                     list the experiment files
+
+Every subcommand that takes an experiment also takes dotted overrides, e.g.
+`llm-jax forward model.n_layers=4 model.position=alibi`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+from llm_jax.config import ConfigError, to_json
+
+DEFAULT_EXPERIMENT = "debug"
+
+
+def _add_experiment_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment name or path to a .py file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def _load(args):
+    from llm_jax import experiment
+
+    return experiment.load(args.experiment, args.overrides)
+
+
+def cmd_forward(args) -> int:
+    """Initialise the experiment's model and run one forward pass on random tokens."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from llm_jax.models import Transformer, count_params, init_params
+
+    cfg = _load(args)
+    model_cfg = cfg.model
+    batch, length = args.batch, min(args.length or cfg.data.seq_len, model_cfg.max_seq_len)
+    tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, model_cfg.vocab_size)
+    params = init_params(model_cfg, jax.random.key(cfg.train.seed))
+
+    forward = jax.jit(lambda p, t: Transformer(model_cfg).apply({"params": p}, t)[0])
+    start = time.perf_counter()
+    logits = forward(params, tokens).block_until_ready()
+    compile_and_run = time.perf_counter() - start
+    start = time.perf_counter()
+    forward(params, tokens).block_until_ready()
+    run = time.perf_counter() - start
+
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+    print(f"experiment     {cfg.name}")
+    print(f"devices        {jax.device_count()} x {jax.devices()[0].platform}")
+    print(f"parameters     {count_params(model_cfg):,}")
+    print(f"tokens         {tuple(tokens.shape)} -> logits {tuple(logits.shape)} {logits.dtype}")
+    print(f"loss           {float(loss):.4f} (uniform guess: ln V = {math.log(model_cfg.vocab_size):.4f})")
+    print(f"time           {compile_and_run:.2f}s compile + run, {run * 1e3:.1f} ms run")
+    return 0 if bool(jnp.isfinite(loss)) else 1
+
+
+def cmd_params(args) -> int:
+    """Print every parameter's shape and logical axes, without allocating any of them."""
+    import flax.linen as nn
+    import jax
+
+    from llm_jax.models import param_shapes
+
+    cfg = _load(args)
+    shapes = param_shapes(cfg.model)
+    axes = nn.get_partition_spec(shapes)
+    total = 0
+    for (path, leaf), spec in zip(jax.tree_util.tree_leaves_with_path(nn.unbox(shapes)), jax.tree.leaves(axes)):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        total += leaf.size
+        print(f"{name:48s} {str(tuple(leaf.shape)):28s} {str(tuple(spec)):48s} {leaf.size:>16,}")
+    print(f"{'total':48s} {'':28s} {'':48s} {total:>16,}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(to_json(_load(args)))
+    return 0
+
+
+def cmd_experiments(args) -> int:
+    from llm_jax import experiment
+
+    for name, path in sorted(experiment.available().items()):
+        doc = (experiment.load_module(name).__doc__ or "").strip().splitlines()
+        print(f"{name:20s} {doc[0] if doc else ''}  [{path}]")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-jax", description="Train and serve LLMs with JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("forward", help="one forward pass of an experiment's model")
+    _add_experiment_args(p)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--length", type=int, default=None, help="tokens per row (default: data.seq_len)")
+    p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("params", help="parameter shapes, logical axes and counts")
+    _add_experiment_args(p)
+    p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("config", help="print the resolved config as JSON")
+    _add_experiment_args(p)
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("experiments", help="list available experiments")
+    p.set_defaults(func=cmd_experiments)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"llm-jax: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
