@@ -1,0 +1,243 @@
+"""Generation: a jitted prefill and a jitted `lax.while_loop` over an explicit KV cache.
+
+    prompts -> right-pad to a bucket -> prefill (one call) -> decode loop (one while_loop)
+
+Rows keep their own lengths in `cache.end`, so a short prompt batched with a long one
+gets exactly the tokens it would get alone. The loop stops when every row has produced
+a stop sequence or `max_new_tokens`. Streaming runs the same loop in chunks of
+`stream_interval` tokens, so Python is visited once per chunk, not once per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Iterator, Protocol, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.config import ModelConfig
+from llm_jax.inference.sampling import SamplingParams, sample
+from llm_jax.models import KVCache, Transformer
+
+_NOT_GENERATED = -1  # in the output buffer: no token (row finished earlier)
+_WILDCARD = -1  # in stop sequences: left padding that matches anything
+_PROMPT_BUCKET = 16  # prompt lengths are rounded up to limit recompilation
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache
+    logits: jax.Array  # [B, V] logits for the next token
+    tokens: jax.Array  # [B, N] generated ids; _NOT_GENERATED after a row finished
+    step: jax.Array  # [] tokens generated so far
+    done: jax.Array  # [B] row finished
+    stop_len: jax.Array  # [B] length of the stop sequence that finished the row, 0 if none
+    recent: jax.Array  # [B, M] the last M generated tokens, for matching stop sequences
+    counts: jax.Array  # [B, V] occurrences in prompt + output, for the penalties
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """What `generate` returns, one entry per prompt."""
+
+    tokens: list[list[int]]  # generated ids, stop sequence removed
+    finish_reasons: list[str]  # "stop" or "length"
+    texts: list[str] | None = None  # decoded, when a tokenizer was given
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_len", "stop_window"))
+def _prefill(params, cfg: ModelConfig, tokens_BP, lengths_B, key, *, max_new_tokens, cache_len, stop_window):
+    B, P = tokens_BP.shape
+    cache = KVCache.init(cfg, B, cache_len)
+    in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
+    prefix = in_prompt_BP if cfg.mask == "prefix" else None
+    logits_BPV, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache)
+    last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    counts = jnp.zeros((B, cfg.vocab_size), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(in_prompt_BP)
+    return DecodeState(
+        cache=cache.replace(end=lengths_B),  # padding slots get overwritten by generated tokens
+        logits=last_BV,
+        tokens=jnp.full((B, max_new_tokens), _NOT_GENERATED, jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        done=jnp.zeros((B,), bool),
+        stop_len=jnp.zeros((B,), jnp.int32),
+        recent=jnp.full((B, stop_window), -2, jnp.int32),
+        counts=counts,
+        key=key,
+    )
+
+
+def _match_stop(recent_BM, stops_SM):
+    """Length of the longest stop sequence that the recent tokens end with, else 0."""
+    hit_BS = jnp.all((stops_SM[None] == _WILDCARD) | (recent_BM[:, None, :] == stops_SM[None]), axis=-1)
+    lengths_S = jnp.sum(stops_SM != _WILDCARD, axis=-1)
+    return jnp.max(jnp.where(hit_BS, lengths_S[None], 0), axis=-1, initial=0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops_SM, until_step):
+    model = Transformer(cfg)
+    rows = jnp.arange(state.done.shape[0])
+
+    def cond(s: DecodeState):
+        return (s.step < until_step) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        key, draw_key = jax.random.split(s.key)
+        token_B = jnp.where(s.done, _NOT_GENERATED, sample(s.logits, draw_key, sp, s.counts))
+        live_B = ~s.done
+        recent = jnp.concatenate([s.recent[:, 1:], token_B[:, None]], axis=1)
+        stop_len = jnp.where(live_B, _match_stop(recent, stops_SM), s.stop_len)
+        feed_B = jnp.where(live_B, token_B, 0)
+        logits, cache = model.apply({"params": params}, feed_B[:, None], cache=s.cache)
+        return s.replace(
+            cache=cache,
+            logits=logits[:, 0],
+            tokens=s.tokens.at[:, s.step].set(token_B),
+            step=s.step + 1,
+            done=s.done | (stop_len > 0),
+            stop_len=stop_len,
+            recent=recent,
+            counts=s.counts.at[rows, feed_B].add(live_B.astype(jnp.int32)),
+            key=key,
+        )
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _check_and_pad(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
+    if not prompts:
+        raise ValueError("prompts: no prompts given")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"prompts: prompt {lengths.index(0)} is empty; every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    longest = max(lengths)
+    if longest >= cfg.max_seq_len:
+        raise ValueError(f"prompts: a prompt of {longest} tokens does not fit the context of {cfg.max_seq_len}")
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(
+            f"max_new_tokens={max_new_tokens} overflows the cache: the longest prompt ({longest} tokens) plus "
+            f"new tokens exceeds model.max_seq_len={cfg.max_seq_len}; at most {cfg.max_seq_len - longest} fit"
+        )
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"prompts: prompt {i} has token ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+    bucket = min(-(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET, cfg.max_seq_len - max_new_tokens)
+    padded = np.zeros((len(prompts), bucket), np.int32)
+    for i, p in enumerate(prompts):
+        padded[i, : len(p)] = p
+    return jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
+
+
+def _stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
+    """Stop sequences right-aligned in an [S, M] array, left-padded with the wildcard."""
+    seqs = [list(s) for s in stop_sequences]
+    if any(len(s) == 0 for s in seqs):
+        raise ValueError("stop_sequences: an empty stop sequence would stop at once")
+    width = max([len(s) for s in seqs], default=1)
+    out = np.full((len(seqs), width), _WILDCARD, np.int32)
+    for i, s in enumerate(seqs):
+        out[i, width - len(s) :] = s
+    return out
+
+
+def stream(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 64,
+    sampling: SamplingParams | dict | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    seed: int = 0,
+    stream_interval: int = 8,
+) -> Iterator[tuple[list[list[int]], DecodeState]]:
+    """Yield each row's newly final tokens every `stream_interval` steps, then the state.
+
+    Tokens that might still turn out to begin a stop sequence are held back until they
+    cannot, so a consumer never sees any part of a stop sequence.
+    """
+    tokens_BP, lengths_B = _check_and_pad(cfg, prompts, max_new_tokens)
+    B = len(prompts)
+    if not isinstance(sampling, SamplingParams):
+        sampling = SamplingParams.make(B, **(sampling or {}))
+    if stream_interval < 1:
+        raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
+    stops = _stop_array(stop_sequences)
+    cache_len = tokens_BP.shape[1] + max_new_tokens
+    state = _prefill(
+        params, cfg, tokens_BP, lengths_B, jax.random.key(seed),
+        max_new_tokens=max_new_tokens, cache_len=cache_len, stop_window=stops.shape[1],
+    )
+    emitted = [0] * B
+    hold_back = stops.shape[1] - 1
+    until = 0
+    while True:
+        until = min(until + stream_interval, max_new_tokens)
+        state = _decode(params, cfg, state, sampling, stops, until)
+        tokens, done, stop_len = jax.device_get((state.tokens, state.done, state.stop_len))
+        finished = bool(done.all()) or int(state.step) >= max_new_tokens
+        new = []
+        for b in range(B):
+            row = tokens[b][tokens[b] != _NOT_GENERATED]
+            safe = len(row) - stop_len[b] if (done[b] or finished) else max(len(row) - hold_back, emitted[b])
+            new.append(row[emitted[b] : safe].tolist())
+            emitted[b] = max(emitted[b], safe)
+        yield new, state
+        if finished:
+            return
+
+
+def generate(
+    params,
+    cfg: ModelConfig,
+    prompts: Sequence[Sequence[int]] | Sequence[str],
+    *,
+    max_new_tokens: int = 64,
+    sampling: SamplingParams | dict | None = None,
+    stop_sequences: Sequence[Sequence[int]] | Sequence[str] = (),
+    stop_tokens: Sequence[int] = (),
+    tokenizer: Tokenizer | None = None,
+    seed: int = 0,
+    on_tokens: Callable[[list[list[int]]], None] | None = None,
+    stream_interval: int = 8,
+) -> Generation:
+    """Generate continuations of token-id prompts (or of strings, given a tokenizer).
+
+    `sampling` is a `SamplingParams` or a dict of its settings (temperature 0 is greedy).
+    `on_tokens`, if given, receives each row's new tokens every `stream_interval` steps;
+    without it the whole generation runs as a single jitted loop.
+    """
+    if prompts and isinstance(prompts[0], str):
+        if tokenizer is None:
+            raise ValueError("prompts are strings: pass a tokenizer, or give token ids")
+        prompts = [tokenizer.encode(p) for p in prompts]
+    stops = [tokenizer.encode(s) if isinstance(s, str) else list(s) for s in stop_sequences]
+    stops += [[t] for t in stop_tokens]
+    interval = stream_interval if on_tokens is not None else max_new_tokens
+    out: list[list[int]] = [[] for _ in prompts]
+    for new, state in stream(
+        params, cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
+        stop_sequences=stops, seed=seed, stream_interval=interval,
+    ):
+        for row, toks in zip(out, new):
+            row.extend(toks)
+        if on_tokens is not None:
+            on_tokens(new)
+    reasons = ["stop" if s > 0 else "length" for s in jax.device_get(state.stop_len)]
+    texts = [tokenizer.decode(t) for t in out] if tokenizer is not None else None
+    return Generation(tokens=out, finish_reasons=reasons, texts=texts)

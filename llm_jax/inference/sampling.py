@@ -1,0 +1,101 @@
+"""Token samplers: greedy, temperature, top-k, top-p, min-p, repetition and presence penalties.
+
+Every setting is an array with one value per batch row, so one compiled decoding step
+serves any mix of settings (the serving engine batches requests with different ones).
+Filters run in the usual order: penalties, temperature, top-k, top-p, min-p, then a draw.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llm_jax.config import DecodeConfig
+
+_NEG = -1e30
+
+
+@flax.struct.dataclass
+class SamplingParams:
+    """Per-row sampler settings, each of shape [B]. temperature 0 means greedy."""
+
+    temperature: jax.Array
+    top_k: jax.Array  # 0 disables
+    top_p: jax.Array  # 1 disables
+    min_p: jax.Array  # 0 disables
+    repetition_penalty: jax.Array  # 1 disables
+    presence_penalty: jax.Array  # 0 disables
+
+    @classmethod
+    def from_config(cls, decode: DecodeConfig, batch: int) -> "SamplingParams":
+        return cls.make(
+            batch,
+            temperature=decode.temperature,
+            top_k=decode.top_k,
+            top_p=decode.top_p,
+            min_p=decode.min_p,
+            repetition_penalty=decode.repetition_penalty,
+            presence_penalty=decode.presence_penalty,
+        )
+
+    @classmethod
+    def make(cls, batch: int, **settings) -> "SamplingParams":
+        """Validated settings broadcast to [batch]; unknown names and bad values raise."""
+        defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0)
+        unknown = set(settings) - set(defaults)
+        if unknown:
+            raise ValueError(f"unknown sampling settings {sorted(unknown)}; valid: {sorted(defaults)}")
+        arrays = {}
+        for name, value in {**defaults, **settings}.items():
+            try:
+                arrays[name] = np.broadcast_to(np.asarray(value), (batch,))
+            except ValueError:
+                raise ValueError(f"sampling setting {name} has shape {np.shape(value)}, not () or ({batch},)") from None
+        # DecodeConfig holds the validation rules; apply them to every row's values.
+        for i in range(batch):
+            DecodeConfig(**{name: a[i].item() for name, a in arrays.items()})
+        return cls(**{name: jnp.asarray(a, jnp.int32 if name == "top_k" else jnp.float32) for name, a in arrays.items()})
+
+
+def apply_penalties(logits_BV, counts_BV, sp: SamplingParams):
+    """CTRL-style repetition penalty and OpenAI-style presence penalty on tokens seen so far."""
+    seen = counts_BV > 0
+    rep = sp.repetition_penalty[:, None]
+    penalised = jnp.where(logits_BV > 0, logits_BV / rep, logits_BV * rep)
+    logits_BV = jnp.where(seen, penalised, logits_BV)
+    return logits_BV - sp.presence_penalty[:, None] * seen
+
+
+def filter_logits(logits_BV, sp: SamplingParams):
+    """Temperature-scaled logits with everything outside top-k / top-p / min-p set to -inf."""
+    temperature = jnp.where(sp.temperature > 0, sp.temperature, 1.0)[:, None]
+    logits_BV = logits_BV / temperature
+    V = logits_BV.shape[-1]
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+
+    k = jnp.where((sp.top_k > 0) & (sp.top_k < V), sp.top_k, V)
+    kth_largest = jnp.take_along_axis(sorted_BV, (k - 1)[:, None], axis=-1)
+    keep = logits_BV >= kth_largest
+
+    # Nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p.
+    sorted_probs = jax.nn.softmax(jnp.where(sorted_BV >= kth_largest, sorted_BV, _NEG), axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    n_keep = jnp.maximum(jnp.sum(mass_before < sp.top_p[:, None], axis=-1), 1)
+    nucleus_floor = jnp.take_along_axis(sorted_BV, (n_keep - 1)[:, None], axis=-1)
+    keep &= logits_BV >= nucleus_floor
+
+    probs = jax.nn.softmax(jnp.where(keep, logits_BV, _NEG), axis=-1)
+    keep &= probs >= sp.min_p[:, None] * probs.max(axis=-1, keepdims=True)
+    return jnp.where(keep, logits_BV, -jnp.inf)
+
+
+def sample(logits_BV, key, sp: SamplingParams, counts_BV=None):
+    """Next tokens [B]: argmax for rows with temperature 0, a filtered draw otherwise."""
+    logits_BV = logits_BV.astype(jnp.float32)
+    if counts_BV is not None:
+        logits_BV = apply_penalties(logits_BV, counts_BV, sp)
+    greedy = jnp.argmax(logits_BV, axis=-1)
+    drawn = jax.random.categorical(key, filter_logits(logits_BV, sp), axis=-1)
+    return jnp.where(sp.temperature > 0, drawn, greedy).astype(jnp.int32)

@@ -1,0 +1,181 @@
+"""The decoding loop and the samplers."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.config import ModelConfig
+from llm_jax.inference import SamplingParams, filter_logits, generate, sample
+from llm_jax.models import Transformer, init_params
+
+# A large init makes a random model's next-token choices vary with the context, so that
+# a wrong cache, mask or position would change the greedy output.
+BASE = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
+                   max_seq_len=64, init_std=0.5)
+GREEDY = dict(temperature=0.0)
+
+
+def _model(**changes):
+    cfg = dataclasses.replace(BASE, **changes)
+    return cfg, init_params(cfg, jax.random.key(0))
+
+
+def _is_greedy_continuation(params, cfg, prompt, generated):
+    """Every generated token is the argmax of the full forward pass over what precedes it."""
+    seq = jnp.asarray([list(prompt) + list(generated)])
+    prefix = jnp.arange(seq.shape[1])[None] < len(prompt) if cfg.mask == "prefix" else None
+    logits, _ = Transformer(cfg).apply({"params": params}, seq, prefix_mask_BT=prefix)
+    predicted = jnp.argmax(logits[0, len(prompt) - 1 : -1], axis=-1)
+    return predicted.tolist() == list(generated)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(),
+        dict(n_kv_heads=1, position="alibi"),
+        dict(n_kv_heads=4, position="relative"),
+        dict(position="learned", norm="layernorm", activation="gelu", use_bias=True),
+        dict(position="sinusoidal", tie_embeddings=False),
+        dict(mask="prefix"),
+        dict(sliding_window=4),
+        dict(scan_layers=False, attention="dot_product"),
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default",
+)
+def test_greedy_generation_matches_the_full_forward_pass(changes):
+    cfg, params = _model(**changes)
+    prompt = [3, 17, 5, 9, 22]
+    out = generate(params, cfg, [prompt], max_new_tokens=12, sampling=GREEDY)
+    assert len(out.tokens[0]) == 12 and out.finish_reasons == ["length"]
+    assert _is_greedy_continuation(params, cfg, prompt, out.tokens[0])
+    assert len(set(out.tokens[0])) > 1  # the test model does not just repeat one token
+
+
+def test_padding_never_changes_an_answer():
+    cfg, params = _model()
+    prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24], [40]]
+    batched = generate(params, cfg, prompts, max_new_tokens=10, sampling=GREEDY)
+    for prompt, tokens in zip(prompts, batched.tokens):
+        assert generate(params, cfg, [prompt], max_new_tokens=10, sampling=GREEDY).tokens[0] == tokens
+
+
+def test_stop_sequences_end_a_row_and_are_removed():
+    cfg, params = _model()
+    free = generate(params, cfg, [[3, 17, 5], [9, 9, 1]], max_new_tokens=12, sampling=GREEDY).tokens
+    stop = free[0][4:6]
+    out = generate(params, cfg, [[3, 17, 5], [9, 9, 1]], max_new_tokens=12, sampling=GREEDY, stop_sequences=[stop])
+    first = next(i for i in range(len(free[0]) - 1) if free[0][i : i + 2] == stop)
+    assert out.tokens[0] == free[0][:first] and out.finish_reasons[0] == "stop"
+    # The other row is unaffected unless it happens to produce the same pair.
+    if not any(free[1][i : i + 2] == stop for i in range(len(free[1]) - 1)):
+        assert out.tokens[1] == free[1] and out.finish_reasons[1] == "length"
+
+    single = generate(params, cfg, [[3, 17, 5]], max_new_tokens=12, sampling=GREEDY, stop_tokens=[free[0][2]])
+    assert single.tokens[0] == free[0][: free[0].index(free[0][2])]
+
+
+def test_streaming_yields_the_same_tokens_in_chunks_without_stop_fragments():
+    cfg, params = _model()
+    plain = generate(params, cfg, [[3, 17, 5]], max_new_tokens=16, sampling=GREEDY).tokens[0]
+    stop = plain[10:13]
+    expected = plain[: next(i for i in range(14) if plain[i : i + 3] == stop)]
+    chunks = []
+    out = generate(params, cfg, [[3, 17, 5]], max_new_tokens=16, sampling=GREEDY, stop_sequences=[stop],
+                   on_tokens=lambda new: chunks.append(new[0]), stream_interval=3)
+    assert sum(chunks, []) == out.tokens[0] == expected
+    assert len([c for c in chunks if c]) >= 2
+
+
+def test_sampling_is_reproducible_for_a_seed():
+    cfg, params = _model()
+    settings = dict(temperature=1.0, top_k=20, top_p=0.95)
+    a = generate(params, cfg, [[1, 2, 3]] * 2, max_new_tokens=16, sampling=settings, seed=7).tokens
+    b = generate(params, cfg, [[1, 2, 3]] * 2, max_new_tokens=16, sampling=settings, seed=7).tokens
+    c = generate(params, cfg, [[1, 2, 3]] * 2, max_new_tokens=16, sampling=settings, seed=8).tokens
+    assert a == b and a != c
+    assert a[0] != a[1]  # rows draw independently
+
+
+def test_per_row_settings_in_one_batch():
+    cfg, params = _model()
+    greedy = generate(params, cfg, [[1, 2, 3]], max_new_tokens=8, sampling=GREEDY).tokens[0]
+    mixed = generate(params, cfg, [[1, 2, 3], [1, 2, 3]], max_new_tokens=8,
+                     sampling=dict(temperature=[0.0, 1.5]), seed=1).tokens
+    assert mixed[0] == greedy and mixed[1] != greedy
+
+
+# --------------------------------------------------------------------------- samplers
+
+
+LOGITS = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+
+
+def _kept(**settings):
+    return np.isfinite(np.asarray(filter_logits(LOGITS, SamplingParams.make(1, **settings))))[0].tolist()
+
+
+def test_top_k_top_p_min_p_keep_the_right_tokens():
+    assert _kept(top_k=2) == [True, True, False, False, False]
+    assert _kept(top_p=0.5) == [True, False, False, False, False]
+    assert _kept(top_p=0.8) == [True, True, True, False, False]  # 0.5 + 0.2 < 0.8 needs a third
+    assert _kept(top_p=1.0) == [True] * 5
+    assert _kept(min_p=0.35) == [True, True, False, False, False]  # p >= 0.35 * 0.5
+    assert _kept(top_k=3, top_p=0.6) == [True, True, False, False, False]
+
+
+def test_sampled_frequencies_follow_the_filtered_distribution():
+    sp = SamplingParams.make(20000, top_k=2)
+    draws = sample(jnp.broadcast_to(LOGITS, (20000, 5)), jax.random.key(0), sp)
+    freq = np.bincount(np.asarray(draws), minlength=5) / 20000
+    np.testing.assert_allclose(freq, [5 / 7, 2 / 7, 0, 0, 0], atol=0.015)
+
+
+def test_temperature_zero_is_argmax_and_low_temperature_approaches_it():
+    logits = jax.random.normal(jax.random.key(1), (64, 50))
+    greedy = sample(logits, jax.random.key(2), SamplingParams.make(64, temperature=0.0))
+    assert (greedy == jnp.argmax(logits, -1)).all()
+    cold = sample(logits, jax.random.key(2), SamplingParams.make(64, temperature=1e-3))
+    assert (cold == greedy).mean() > 0.95
+
+
+def test_penalties_discourage_seen_tokens():
+    logits = jnp.asarray([[2.0, 1.9, -1.0]])
+    counts = jnp.asarray([[1, 0, 0]])
+    greedy_rep = SamplingParams.make(1, temperature=0.0, repetition_penalty=1.2)
+    assert int(sample(logits, jax.random.key(0), greedy_rep, counts)[0]) == 1
+    greedy_pres = SamplingParams.make(1, temperature=0.0, presence_penalty=0.5)
+    assert int(sample(logits, jax.random.key(0), greedy_pres, counts)[0]) == 1
+    assert int(sample(logits, jax.random.key(0), SamplingParams.make(1, temperature=0.0), counts)[0]) == 0
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(prompts=[[1, 2], []]), ["prompts", "empty"]),
+        (dict(prompts=[]), ["prompts"]),
+        (dict(prompts=[list(range(1, 64)) + [1]]), ["prompts", "context"]),
+        (dict(prompts=[[1, 2]], max_new_tokens=70), ["max_new_tokens", "overflows"]),
+        (dict(prompts=[[1, 99]]), ["prompts", "outside"]),
+        (dict(prompts=[[1]], sampling=dict(top_p=1.5)), ["top_p", "(0, 1]"]),
+        (dict(prompts=[[1]], sampling=dict(top_p=0.0)), ["top_p"]),
+        (dict(prompts=[[1]], sampling=dict(temperature=-0.5)), ["temperature"]),
+        (dict(prompts=[[1]], sampling=dict(tempreature=0.5)), ["tempreature", "temperature"]),
+        (dict(prompts=["hello"]), ["tokenizer"]),
+        (dict(prompts=[[1]], stop_sequences=[[]]), ["stop_sequences"]),
+    ],
+)
+def test_bad_requests_are_refused_before_compiling(kwargs, words):
+    cfg, params = _model()
+    prompts = kwargs.pop("prompts")
+    kwargs.setdefault("max_new_tokens", 4)
+    with pytest.raises(ValueError) as e:
+        generate(params, cfg, prompts, **kwargs)
+    for word in words:
+        assert word in str(e.value)
