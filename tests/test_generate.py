@@ -179,3 +179,34 @@ def test_bad_requests_are_refused_before_compiling(kwargs, words):
         generate(params, cfg, prompts, **kwargs)
     for word in words:
         assert word in str(e.value)
+
+
+# ------------------------------------------------------------------------- int8 cache
+
+
+def test_int8_cache_stays_close_to_the_full_precision_cache():
+    from llm_jax.models import KVCache
+
+    cfg, params = _model(init_std=0.1)
+    model = Transformer(cfg)
+    tokens = jax.random.randint(jax.random.key(3), (2, 24), 0, cfg.vocab_size)
+    full, _ = model.apply({"params": params}, tokens)
+    cache = KVCache.init(cfg, 2, 32, int8=True)
+    assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
+    prefill, cache = model.apply({"params": params}, tokens[:, :16], cache=cache)
+    steps = [prefill]
+    for t in range(16, 24):
+        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], cache=cache)
+        steps.append(logits)
+    incremental = jnp.concatenate(steps, axis=1)
+    err = float(jnp.abs(incremental - full).max())
+    assert 0 < err < 0.02 * float(jnp.abs(full).max())  # quantized, so not exact, but close
+    probs = jax.nn.softmax(incremental), jax.nn.softmax(full)
+    assert float(jnp.abs(probs[0] - probs[1]).max()) < 0.02
+
+
+def test_int8_cache_generation_runs_and_mostly_agrees():
+    cfg, params = _model(init_std=0.1)
+    exact = generate(params, cfg, [[3, 17, 5, 9]], max_new_tokens=12, sampling=GREEDY).tokens[0]
+    quant = generate(params, cfg, [[3, 17, 5, 9]], max_new_tokens=12, sampling=GREEDY, int8_cache=True).tokens[0]
+    assert len(quant) == 12 and sum(a == b for a, b in zip(exact, quant)) >= 6

@@ -33,18 +33,22 @@ _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 class KVCache:
     """Keys and values of every layer, plus what each batch row has written so far.
 
-    k, v:   [L, B, S, K, H]  in the compute dtype
-    end:    [B] int32        slots filled per row; the next token is written at `end`
-    prefix: [B, S] bool      which filled slots are prefix tokens (prefix-LM only)
+    k, v:       [L, B, S, K, H]  in the compute dtype, or int8 for a quantized cache
+    end:        [B] int32        slots filled per row; the next token is written at `end`
+    prefix:     [B, S] bool      which filled slots are prefix tokens (prefix-LM only)
+    k_scale, v_scale: [L, B, S, K] f32 per-token, per-head scales of an int8 cache, else None
     """
 
     k: jax.Array
     v: jax.Array
     end: jax.Array
     prefix: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+    def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=None, int8: bool = False) -> "KVCache":
+        """An empty cache; `int8=True` stores keys and values as int8 with f32 scales."""
         if max_len > cfg.max_seq_len:
             raise ValueError(
                 f"cache length {max_len} exceeds the model's context model.max_seq_len={cfg.max_seq_len}"
@@ -52,13 +56,27 @@ class KVCache:
         if cfg.mask == "bidirectional":
             raise ValueError("model.mask='bidirectional' has no causal order to decode with a cache")
         shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
-        dtype = compute_dtype(cfg) if dtype is None else dtype
+        dtype = jnp.int8 if int8 else (compute_dtype(cfg) if dtype is None else dtype)
+        scale = jnp.ones(shape[:-1], jnp.float32) if int8 else None
         return cls(
             k=jnp.zeros(shape, dtype),
             v=jnp.zeros(shape, dtype),
             end=jnp.zeros((batch,), jnp.int32),
             prefix=jnp.zeros((batch, max_len), bool),
+            k_scale=scale,
+            v_scale=scale,
         )
+
+    def layer_entries(self) -> tuple:
+        """What each layer reads and writes, stacked over layers: (k, v[, k_scale, v_scale])."""
+        if self.k_scale is None:
+            return (self.k, self.v)
+        return (self.k, self.v, self.k_scale, self.v_scale)
+
+    def with_layer_entries(self, entries: tuple, end: jax.Array, prefix: jax.Array) -> "KVCache":
+        k, v, *scales = entries
+        k_scale, v_scale = scales if scales else (None, None)
+        return self.replace(k=k, v=v, k_scale=k_scale, v_scale=v_scale, end=end, prefix=prefix)
 
     @property
     def max_len(self) -> int:
@@ -145,9 +163,33 @@ def _attend_dot_product(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS):
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask_B1TS)
 
 
-def _write(cache_BSKH, new_BTKH, start_B):
-    """Write each row's new entries at its own offset."""
-    return jax.vmap(lambda c, n, s: jax.lax.dynamic_update_slice(c, n, (s, 0, 0)))(cache_BSKH, new_BTKH, start_B)
+def _write(cache_BS_, new_BT_, start_B):
+    """Write each row's new entries (any trailing shape) at its own offset along axis 1."""
+
+    def write_row(c, n, s):
+        return jax.lax.dynamic_update_slice(c, n, (s,) + (0,) * (c.ndim - 1))
+
+    return jax.vmap(write_row)(cache_BS_, new_BT_, start_B)
+
+
+def quantize_int8(x_BTKH):
+    """Symmetric int8 with one f32 scale per token and head (absmax over head_dim)."""
+    scale_BTK = jnp.maximum(jnp.abs(x_BTKH.astype(jnp.float32)).max(axis=-1), 1e-8) / 127.0
+    q = jnp.clip(jnp.round(x_BTKH.astype(jnp.float32) / scale_BTK[..., None]), -127, 127)
+    return q.astype(jnp.int8), scale_BTK
+
+
+def _update_cache(kv, k_BTKH, v_BTKH, write_at, dtype):
+    """Write the new keys/values into this layer's cache entry; return (k, v) to attend and the entry."""
+    if len(kv) == 2:
+        k_cache = _write(kv[0], k_BTKH.astype(kv[0].dtype), write_at)
+        v_cache = _write(kv[1], v_BTKH.astype(kv[1].dtype), write_at)
+        return k_cache.astype(dtype), v_cache.astype(dtype), (k_cache, v_cache)
+    (kq, ks), (vq, vs) = quantize_int8(k_BTKH), quantize_int8(v_BTKH)
+    entry = (_write(kv[0], kq, write_at), _write(kv[1], vq, write_at), _write(kv[2], ks, write_at), _write(kv[3], vs, write_at))
+    k_BSKH = (entry[0].astype(jnp.float32) * entry[2][..., None]).astype(dtype)
+    v_BSKH = (entry[1].astype(jnp.float32) * entry[3][..., None]).astype(dtype)
+    return k_BSKH, v_BSKH, entry
 
 
 class Attention(nn.Module):
@@ -161,8 +203,9 @@ class Attention(nn.Module):
     def __call__(self, x_BTD, ctx: AttentionContext, kv=None):
         """Attend over `x` (training) or over the cache after writing `x`'s keys into it.
 
-        `kv` is this layer's `(k_BSKH, v_BSKH)` cache entry or None; the updated entry is
-        returned alongside the output.
+        `kv` is this layer's cache entry, `(k_BSKH, v_BSKH)` or, for an int8 cache,
+        `(k, v, k_scale_BSK, v_scale_BSK)`, or None; the updated entry is returned alongside
+        the output.
         """
         cfg = self.cfg
         qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
@@ -179,11 +222,7 @@ class Attention(nn.Module):
         if kv is None:
             k_BSKH, v_BSKH, new_kv = k_BTKH, v_BTKH, None
         else:
-            k_cache, v_cache = kv
-            k_BSKH = _write(k_cache, k_BTKH.astype(k_cache.dtype), ctx.write_at)
-            v_BSKH = _write(v_cache, v_BTKH.astype(v_cache.dtype), ctx.write_at)
-            new_kv = (k_BSKH, v_BSKH)
-            k_BSKH, v_BSKH = k_BSKH.astype(q_BTNH.dtype), v_BSKH.astype(q_BTNH.dtype)
+            k_BSKH, v_BSKH, new_kv = _update_cache(kv, k_BTKH, v_BTKH, ctx.write_at, q_BTNH.dtype)
 
         if cfg.attention == "dot_product":
             out_BTNH = _attend_dot_product(q_BTNH, k_BSKH, v_BSKH, ctx.mask, ctx.bias)

@@ -109,7 +109,7 @@ class Transformer(nn.Module):
         x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
-        kv = None if cache is None else (cache.k, cache.v)
+        kv = None if cache is None else cache.layer_entries()
         x_BTD, kv = self._layers(x_BTD, ctx, kv, deterministic)
 
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
@@ -122,7 +122,7 @@ class Transformer(nn.Module):
         if cache is None:
             return logits_BTV, None
         T = tokens_BT.shape[1]
-        return logits_BTV, KVCache(k=kv[0], v=kv[1], end=cache.end + T, prefix=new_prefix)
+        return logits_BTV, cache.with_layer_entries(kv, end=cache.end + T, prefix=new_prefix)
 
     def _context(self, tokens_BT, positions_BT, segment_ids_BT, prefix_mask_BT, cache):
         """Positions, mask and position bias for this pass; also the cache's new prefix flags."""
@@ -171,14 +171,12 @@ class Transformer(nn.Module):
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             return stack(cfg, deterministic, name="layers")(x_BTD, ctx, kv)
-        new_k, new_v = [], []
+        new_kv = []
         for i in range(cfg.n_layers):
-            layer_kv = None if kv is None else (kv[0][i], kv[1][i])
+            layer_kv = None if kv is None else tuple(a[i] for a in kv)
             x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, ctx, layer_kv)
-            if layer_kv is not None:
-                new_k.append(layer_kv[0])
-                new_v.append(layer_kv[1])
-        return x_BTD, (None if kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+            new_kv.append(layer_kv)
+        return x_BTD, (None if kv is None else tuple(jnp.stack(a) for a in zip(*new_kv)))
 
 
 # ----------------------------------------------------------------------- parameters
