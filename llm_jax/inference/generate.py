@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
+from llm_jax.inference.quantize import dequantize_params
 from llm_jax.inference.sampling import SamplingParams, sample
 from llm_jax.models import KVCache, Transformer
+from llm_jax.models.layers import compute_dtype
 
 _NOT_GENERATED = -1  # in the output buffer: no token (row finished earlier)
 _WILDCARD = -1  # in stop sequences: left padding that matches anything
@@ -63,6 +65,7 @@ def _prefill(params, cfg: ModelConfig, tokens_BP, lengths_B, key, *, max_new_tok
     cache = KVCache.init(cfg, B, cache_len, int8=int8_cache)
     in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
     prefix = in_prompt_BP if cfg.mask == "prefix" else None
+    params = dequantize_params(params, compute_dtype(cfg))
     logits_BPV, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache)
     last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
     counts = jnp.zeros((B, cfg.vocab_size), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(in_prompt_BP)
@@ -101,7 +104,9 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
         recent = jnp.concatenate([s.recent[:, 1:], token_B[:, None]], axis=1)
         stop_len = jnp.where(live_B, _match_stop(recent, stops_SM), s.stop_len)
         feed_B = jnp.where(live_B, token_B, 0)
-        logits, cache = model.apply({"params": params}, feed_B[:, None], cache=s.cache)
+        # Inside the loop, so quantized weights stay quantized in memory between steps.
+        weights = dequantize_params(params, compute_dtype(cfg))
+        logits, cache = model.apply({"params": weights}, feed_B[:, None], cache=s.cache)
         return s.replace(
             cache=cache,
             logits=logits[:, 0],
@@ -170,6 +175,7 @@ def stream(
 ) -> Iterator[tuple[list[list[int]], DecodeState]]:
     """Yield each row's newly final tokens every `stream_interval` steps, then the state.
 
+    `params` may be quantized (`llm_jax.inference.quantize.quantize_params`).
     Tokens that might still turn out to begin a stop sequence are held back until they
     cannot, so a consumer never sees any part of a stop sequence.
     """
