@@ -232,7 +232,7 @@ class Attention(nn.Module):
                 drop = nn.Dropout(cfg.attention_dropout, deterministic=False)
             out_BTNH = _attend_einsum(q_BTNH, k_BSKH, v_BSKH, ctx.mask, ctx.bias, drop)
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
-        out_BTD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), in_axis=(-2, -1), std=self.out_std, name="out")(
+        out_BTD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), n_in=2, std=self.out_std, name="out")(
             out_BTNH
         )
         return out_BTD, new_kv

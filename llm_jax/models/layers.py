@@ -28,28 +28,53 @@ def param_dtype(cfg: ModelConfig) -> jnp.dtype:
     return _DTYPES[cfg.param_dtype]
 
 
+class Dense(nn.Module):
+    """y = x . W (+ b), contracting the last `n_in` axes of x with the first of W.
+
+    The kernel's shape is `x.shape[-n_in:] + features`, created at that shape (no flattening)
+    so that its logical axis names `axes` (inputs first) apply to it as it is.
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]
+    n_in: int = 1
+    use_bias: bool = False
+    std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        shape = x.shape[-self.n_in :] + self.features
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
+        kernel = self.param("kernel", init, shape, self.param_dtype).astype(self.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        if self.use_bias:
+            bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in :])
+            y = y + self.param("bias", bias_init, self.features, self.param_dtype).astype(self.dtype)
+        return y
+
+
 def dense(
     cfg: ModelConfig,
     features: int | Sequence[int],
     axes: tuple[str, ...],
     *,
-    in_axis: int | Sequence[int] = -1,
+    n_in: int = 1,
     bias: bool | None = None,
     std: float | None = None,
     name: str,
-) -> nn.DenseGeneral:
-    """A projection whose kernel (and bias) carry logical axis names `axes` (inputs first)."""
-    features_t = (features,) if isinstance(features, int) else tuple(features)
-    use_bias = cfg.use_bias if bias is None else bias
-    init = nn.initializers.normal(cfg.init_std if std is None else std)
-    return nn.DenseGeneral(
-        features=features_t,
-        axis=in_axis,
-        use_bias=use_bias,
+) -> Dense:
+    """A `Dense` in the model's precision, with `use_bias` and `init_std` from the config."""
+    return Dense(
+        features=(features,) if isinstance(features, int) else tuple(features),
+        axes=axes,
+        n_in=n_in,
+        use_bias=cfg.use_bias if bias is None else bias,
+        std=cfg.init_std if std is None else std,
         dtype=compute_dtype(cfg),
         param_dtype=param_dtype(cfg),
-        kernel_init=nn.with_logical_partitioning(init, axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(features_t):]),
         name=name,
     )
 
