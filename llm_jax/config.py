@@ -158,7 +158,14 @@ class ModelConfig:
             "model.sliding_window",
             f"must be positive or None, got {self.sliding_window}",
         )
-        _require(self.relative_buckets >= 2, "model.relative_buckets", "must be >= 2")
+        # T5 bucketing: half the buckets (per direction) are exact offsets, the rest log-spaced
+        # up to relative_max_distance, which must therefore lie beyond the exact range.
+        _require(self.relative_buckets >= 4, "model.relative_buckets", f"must be >= 4, got {self.relative_buckets}")
+        _require(
+            self.relative_max_distance > self.relative_buckets // 2,
+            "model.relative_max_distance",
+            f"must exceed relative_buckets // 2 = {self.relative_buckets // 2}, got {self.relative_max_distance}",
+        )
         _require(self.norm_eps > 0, "model.norm_eps", "must be positive")
 
     @property

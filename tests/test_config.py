@@ -83,6 +83,8 @@ def test_bad_override_errors_say_what_is_wrong(assignment, words):
         (dict(attention="flash"), "attention", "'dot_product'"),
         (dict(dropout=1.5), "dropout", "[0, 1)"),
         (dict(attention="dot_product", attention_dropout=0.1), "attention_dropout", "einsum"),
+        (dict(relative_buckets=3), "relative_buckets", ">= 4"),
+        (dict(relative_buckets=32, relative_max_distance=16), "relative_max_distance", "relative_buckets // 2"),
     ],
 )
 def test_model_config_rejects_bad_values_at_construction(kwargs, field, allowed):

@@ -37,6 +37,9 @@ class KVCache:
     end:        [B] int32        slots filled per row; the next token is written at `end`
     prefix:     [B, S] bool      which filled slots are prefix tokens (prefix-LM only)
     k_scale, v_scale: [L, B, S, K] f32 per-token, per-head scales of an int8 cache, else None
+
+    Writing past `max_len` cannot be detected inside jit (the write index is clamped), so
+    callers check lengths before decoding, as `llm_jax.inference.generate` does.
     """
 
     k: jax.Array
@@ -146,7 +149,8 @@ def _attend_einsum(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, dropout: nn.Dro
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) * H**-0.5
+    # Scores accumulate in f32 even when q and k are bf16.
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * H**-0.5
     if bias_BNTS is not None:
         scores = scores + bias_BNTS.reshape(B, K, N // K, T, -1)
     scores = jnp.where(mask_B1TS[:, :, None], scores, _MASKED)
