@@ -1,4 +1,5 @@
-"""Inference: the jitted decoding loop over an explicit KV cache, and the samplers."""
+"""Inference: the jitted decoding loop over an explicit KV cache, samplers, beam search,
+speculative decoding and weight-only quantization (`llm_jax.inference.quantize`)."""
 
 from llm_jax.inference.beam_search import BeamSearchResult, beam_search
 from llm_jax.inference.generate import Generation, Tokenizer, generate, stream
@@ -6,7 +7,15 @@ from llm_jax.inference.sampling import SamplingParams, filter_logits, sample
 from llm_jax.inference.speculative import SpeculativeResult, speculative_generate
 
 __all__ = [
-    "BeamSearchResult", "Generation", "SamplingParams", "Tokenizer", "beam_search", "filter_logits", "generate",
-    "sample", "stream",
+    "BeamSearchResult",
+    "Generation",
+    "SamplingParams",
+    "SpeculativeResult",
+    "Tokenizer",
+    "beam_search",
+    "filter_logits",
+    "generate",
+    "sample",
+    "speculative_generate",
+    "stream",
 ]
-__all__ += ["SpeculativeResult", "speculative_generate"]
