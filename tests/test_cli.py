@@ -1,6 +1,5 @@
 """The `llm-jax` command: its subcommands run and bad configs exit 2 with a message."""
 
-import json
 
 from llm_jax import cli
 from llm_jax.config import from_json

@@ -1,6 +1,5 @@
 """Weight-only int8 / int4 quantization."""
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
