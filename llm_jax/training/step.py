@@ -1,0 +1,118 @@
+"""The train state and the jitted train / eval steps.
+
+A batch is a dict of [B, T] arrays: `inputs`, `targets`, and optionally `loss_mask`,
+`segment_ids`, `positions` (packed documents) and `prefix_mask` (prefix-LM).
+
+Gradient accumulation scans over microbatches and sums *token-weighted* losses and
+gradients before dividing by the batch's token count, so any number of microbatches
+gives the same update as the whole batch at once. A step whose loss or gradients are
+not finite leaves the parameters and optimizer state untouched and is counted.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from llm_jax.config import ModelConfig, OptimConfig
+from llm_jax.models import Transformer, init_params
+from llm_jax.training.losses import cross_entropy_loss
+from llm_jax.training.optimizer import make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # [] steps taken, skipped ones included
+    params: Any
+    opt_state: Any
+    rng: jax.Array
+    skipped: jax.Array  # [] steps skipped for a non-finite loss or gradient, in total
+    bad_in_a_row: jax.Array  # [] consecutive skipped steps up to now
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+
+def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, rng: jax.Array) -> TrainState:
+    init_rng, rng = jax.random.split(rng)
+    params = init_params(model_cfg, init_rng)
+    tx = make_optimizer(optim_cfg, total_steps)
+    # Separate buffers for each counter: the train step donates the whole state.
+    counter = lambda: jnp.zeros((), jnp.int32)  # noqa: E731
+    return TrainState(step=counter(), params=params, opt_state=tx.init(params), rng=rng, skipped=counter(),
+                      bad_in_a_row=counter(), tx=tx)
+
+
+def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, deterministic: bool):
+    """Token-summed loss of one (micro)batch, and its metrics."""
+    logits, _ = Transformer(model_cfg).apply(
+        {"params": params},
+        batch["inputs"],
+        positions_BT=batch.get("positions"),
+        segment_ids_BT=batch.get("segment_ids"),
+        prefix_mask_BT=batch.get("prefix_mask"),
+        deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": rng},
+    )
+    _, metrics = cross_entropy_loss(logits, batch["targets"], batch.get("loss_mask"), z_loss)
+    return metrics["loss_sum"] + z_loss * metrics["z_loss_sum"], metrics
+
+
+def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss: float):
+    """Summed gradients and metrics over `microbatches` slices of the batch, one at a time."""
+    grad_fn = jax.grad(_summed_loss, has_aux=True)
+    split = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
+    deterministic = model_cfg.dropout == 0 and model_cfg.attention_dropout == 0
+
+    def one(carry, inputs):
+        micro, key = inputs
+        grads, metrics = grad_fn(params, micro, key, model_cfg, z_loss, deterministic)
+        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    zero_metrics = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "tokens")}
+    keys = jax.random.split(rng, microbatches)
+    (grads, metrics), _ = jax.lax.scan(one, (zeros, zero_metrics), (split, keys))
+    return grads, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg", "microbatches", "z_loss"), donate_argnums=0)
+def train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches: int = 1, z_loss: float = 0.0):
+    """One optimizer step; returns the new state and f32 scalar metrics."""
+    rng, step_rng = jax.random.split(state.rng)
+    grads, sums = _accumulated_grads(state.params, batch, step_rng, model_cfg, microbatches, z_loss)
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    grads = jax.tree.map(lambda g: g / tokens, grads)
+    loss = sums["loss_sum"] / tokens
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    new_state = state.replace(
+        step=state.step + 1,
+        params=keep(new_params, state.params),
+        opt_state=keep(new_opt_state, state.opt_state),
+        rng=rng,
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        bad_in_a_row=jnp.where(finite, 0, state.bad_in_a_row + 1),
+    )
+    metrics = {
+        "loss": loss,
+        "log_z_squared": sums["z_loss_sum"] / tokens,  # what z_loss penalises
+        "grad_norm": grad_norm,
+        "tokens": sums["tokens"],
+        "skipped": (~finite).astype(jnp.float32),
+    }
+    return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model_cfg",))
+def eval_step(params, batch, *, model_cfg: ModelConfig):
+    """Summed validation loss and token count (divide after summing over batches)."""
+    _, metrics = _summed_loss(params, batch, None, model_cfg, 0.0, deterministic=True)
+    return {"loss_sum": metrics["loss_sum"], "tokens": metrics["tokens"]}
