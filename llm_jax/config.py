@@ -230,19 +230,35 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    # "stdlib": the running interpreter's standard library source (always present).
+    # "stdlib": the running interpreter's standard library source (always present, so the
+    # main job needs no download); "text": a file or directory at `path`; "tfds": a catalog
+    # dataset `tfds_name` already prepared in `data_dir`.
     source: Literal["stdlib", "text", "tfds"] = "stdlib"
     path: Optional[str] = None
     tfds_name: Optional[str] = None
+    text_field: str = "text"
+    # Where prepared corpora live (tfds array_record files); None: $LLM_JAX_DATA_DIR or
+    # ~/.cache/llm_jax/datasets.
+    data_dir: Optional[str] = None
+    # "hash": a document's content hash picks its split (stable); "tail": the last
+    # `validation_fraction` of the text is validation (nanoGPT's shakespeare_char split).
+    split: Literal["hash", "tail"] = "hash"
+    validation_fraction: float = 0.05
+    # The tokenizer is trained on the corpus when the run starts, unless `tokenizer_path`
+    # names a saved one; its vocabulary size is model.vocab_size.
     tokenizer: Literal["sentencepiece", "char"] = "sentencepiece"
     tokenizer_model: Literal["bpe", "unigram"] = "bpe"
+    tokenizer_path: Optional[str] = None
+    # Characters of training text the sentencepiece trainer sees: enough for a good
+    # vocabulary, small enough to train in seconds.
+    tokenizer_sample_chars: int = 5_000_000
     seq_len: int = 128
-    validation_fraction: float = 0.05
 
     def __post_init__(self):
         _check_literals(self)
         _require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
         _require(0 < self.validation_fraction < 1, "data.validation_fraction", "must be in (0, 1)")
+        _require(self.tokenizer_sample_chars > 0, "data.tokenizer_sample_chars", "must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +276,12 @@ class TrainConfig:
     max_bad_steps: int = 20
     seed: int = 0
     run_dir: str = "runs/default"
+    # At the end of a run: a completion of this prompt (greedy), `sample_tokens` long.
+    sample_prompt: str = "def fibonacci(n):\n"
+    sample_tokens: int = 64
+    tensorboard: bool = True
+    wandb: bool = False  # only if wandb is installed
+    progress_bar: bool = True
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "microbatches", "eval_every", "log_every",
@@ -271,6 +293,8 @@ class TrainConfig:
             f"microbatches={self.microbatches} must divide batch_size={self.batch_size}",
         )
         _require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
+        _require(self.eval_steps >= 0, "train.eval_steps", "must be >= 0 (0 skips evaluation)")
+        _require(self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0 (0 skips the sample)")
 
 
 @dataclasses.dataclass(frozen=True)

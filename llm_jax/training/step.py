@@ -107,6 +107,7 @@ def train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches
         "grad_norm": grad_norm,
         "tokens": sums["tokens"],
         "skipped": (~finite).astype(jnp.float32),
+        "bad_in_a_row": new_state.bad_in_a_row,
     }
     return new_state, metrics
 
@@ -116,3 +117,33 @@ def eval_step(params, batch, *, model_cfg: ModelConfig):
     """Summed validation loss and token count (divide after summing over batches)."""
     _, metrics = _summed_loss(params, batch, None, model_cfg, 0.0, deterministic=True)
     return {"loss_sum": metrics["loss_sum"], "tokens": metrics["tokens"]}
+
+
+def train_state_shardings(abstract_state: TrainState, param_shardings, replicated: jax.sharding.NamedSharding):
+    """Shardings for a whole TrainState: optimizer moments follow their parameter.
+
+    Optimizer leaves shaped like their parameter (Adam/Lion moments) take its sharding;
+    anything else (step counts, Adafactor's factored statistics) is replicated.
+    """
+    shapes = jax.tree.map(lambda x: x.shape, abstract_state.params)
+
+    def like_param(sharding, shape, leaf):
+        return sharding if leaf.shape == shape else replicated
+
+    opt = optax.tree_map_params(
+        abstract_state.tx, lambda leaf, sharding, shape: like_param(sharding, shape, leaf),
+        abstract_state.opt_state, param_shardings, shapes,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x),
+    )
+    return abstract_state.replace(step=replicated, params=param_shardings, opt_state=opt, rng=replicated,
+                                  skipped=replicated, bad_in_a_row=replicated)
+
+
+def init_sharded_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, rng: jax.Array,
+                             mesh: jax.sharding.Mesh, param_shardings) -> TrainState:
+    """`init_train_state` compiled with output shardings: no array is ever whole on one device."""
+    init = functools.partial(init_train_state, model_cfg, optim_cfg, total_steps)
+    abstract = jax.eval_shape(init, rng)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    return jax.jit(init, out_shardings=train_state_shardings(abstract, param_shardings, replicated))(rng)
