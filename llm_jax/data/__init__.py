@@ -1,0 +1,1 @@
+"""Data: corpora (tfds builders), tokenizers, and the grain input pipeline."""
