@@ -1,5 +1,7 @@
 """The `llm-jax` command.
 
+    llm-jax train    [--experiment NAME] [key=value ...]   train (the main job; resumes a run)
+    llm-jax generate --checkpoint RUN_DIR --prompt TEXT      complete a prompt, streaming
     llm-jax forward  [--experiment NAME] [key=value ...]   one forward pass of a model
     llm-jax params   [--experiment NAME] [key=value ...]   parameter shapes, axes, counts
     llm-jax config   [--experiment NAME] [key=value ...]   the resolved config as JSON
@@ -13,16 +15,18 @@ from __future__ import annotations
 
 import argparse
 import math
+import pathlib
 import sys
 import time
 
 from llm_jax.config import ConfigError, to_json
 
 DEFAULT_EXPERIMENT = "debug"
+MAIN_EXPERIMENT = "python_stdlib"  # what `llm-jax train` trains when given no experiment
 
 
-def _add_experiment_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, help="experiment name or path to a .py file")
+def _add_experiment_args(p: argparse.ArgumentParser, default: str = DEFAULT_EXPERIMENT) -> None:
+    p.add_argument("--experiment", default=default, help=f"experiment name or path to a .py file (default {default})")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
@@ -30,6 +34,63 @@ def _load(args):
     from llm_jax import experiment
 
     return experiment.load(args.experiment, args.overrides)
+
+
+def cmd_train(args) -> int:
+    """Train an experiment in its run directory (resuming from its newest checkpoint)."""
+    from llm_jax.training.loop import TrainingDiverged, train
+
+    cfg = _load(args)
+    try:
+        train(cfg)
+    except TrainingDiverged as e:
+        print(f"llm-jax: training stopped: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Complete prompts with a trained model, streaming the text of a single prompt."""
+    import dataclasses
+
+    from llm_jax.config import override
+    from llm_jax.data.tokenizers import load_tokenizer
+    from llm_jax.inference import generate
+    from llm_jax.inference.quantize import quantize_params
+    from llm_jax.training.checkpoint import load_trained_model
+
+    cfg, params, step = load_trained_model(args.checkpoint, step=args.step)
+    decode = override(cfg, [f"decode.{a}" if not a.startswith("decode.") else a for a in args.overrides]).decode
+    tokenizer = load_tokenizer(pathlib.Path(args.checkpoint) / "tokenizer")
+    if args.quantize:
+        params = quantize_params(params, cfg.model, bits=8 if args.quantize == "int8" else 4)
+    sampling = {k: v for k, v in dataclasses.asdict(decode).items()
+                if k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")}
+    prompts = args.prompt
+    room = cfg.model.max_seq_len - max(len(tokenizer.encode(p)) for p in prompts)
+    if room < 1:
+        raise ValueError(f"a prompt fills the model's whole context (model.max_seq_len={cfg.model.max_seq_len})")
+    max_new = min(decode.max_new_tokens, room)
+    streamed = []
+
+    def show(new_tokens):  # print the newly decoded text of the one prompt
+        before = tokenizer.decode(streamed)
+        streamed.extend(new_tokens[0])
+        print(tokenizer.decode(streamed)[len(before):], end="", flush=True)
+
+    single = len(prompts) == 1
+    if single:
+        print(prompts[0], end="", flush=True)
+    out = generate(params, cfg.model, prompts, max_new_tokens=max_new, sampling=sampling, tokenizer=tokenizer,
+                   stop_tokens=[tokenizer.eos_id], seed=decode.seed, on_tokens=show if single else None,
+                   int8_cache=args.int8_cache)
+    if single:
+        print()
+    else:
+        for prompt, text in zip(prompts, out.texts):
+            print(f"{prompt}{text}\n{'-' * 40}")
+    print(f"[{args.checkpoint} step {step}; finished: {', '.join(out.finish_reasons)}]", file=sys.stderr)
+    return 0
 
 
 def cmd_forward(args) -> int:
@@ -101,6 +162,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-jax", description="Train and serve LLMs with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
+    p = sub.add_parser("train", help="train an experiment (the main job); resumes from the run directory")
+    _add_experiment_args(p, default=MAIN_EXPERIMENT)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="complete prompts with a trained checkpoint, streaming")
+    p.add_argument("--checkpoint", required=True, help="a run directory (train.run_dir of a training run)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization")
+    p.add_argument("--int8-cache", action="store_true", help="int8 key/value cache")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="decoding settings, e.g. temperature=0.8 top_p=0.95 max_new_tokens=100 seed=1")
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("forward", help="one forward pass of an experiment's model")
     _add_experiment_args(p)
     p.add_argument("--batch", type=int, default=2)
@@ -126,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except ConfigError as e:
         print(f"llm-jax: config error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        print(f"llm-jax: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.models import count_params
@@ -52,7 +53,8 @@ class MetricsWriter:
         self._jsonl.flush()
         if self._tb is not None:
             for name, value in scalars.items():
-                self._tb.add_scalar(name, float(value), step)
+                if math.isfinite(value):  # the JSONL file keeps the NaNs; TensorBoard cannot plot them
+                    self._tb.add_scalar(name, float(value), step)
         if self._wandb is not None:
             self._wandb.log(scalars, step=step)
 
@@ -89,29 +91,28 @@ _PEAK_CACHE: dict[str, float] = {}
 
 
 def measured_peak_flops(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul on this machine's devices: the MFU denominator.
+    """FLOP/s of all local devices together on a large data-parallel matmul: the MFU denominator.
 
     Measured rather than looked up, so MFU is honest on any machine (a CPU has no
-    datasheet peak worth quoting). Cached per process.
+    datasheet peak worth quoting, and simulated CPU devices share the same cores).
+    Cached per process.
     """
-    key = f"{jax.default_backend()}-{jnp.dtype(dtype).name}-{size}"
+    devices = jax.local_devices()
+    key = f"{devices[0].platform}-{len(devices)}-{jnp.dtype(dtype).name}-{size}"
     if key not in _PEAK_CACHE:
-        a = jnp.ones((size, size), dtype)
-        matmul = jax.jit(lambda x: x @ x)
-        matmul(a).block_until_ready()
+        mesh = jax.sharding.Mesh(np.array(devices), ("d",))
+        rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+        x = jax.device_put(jnp.ones((len(devices) * size // 4, size), dtype), rows)
+        w = jax.device_put(jnp.ones((size, size), dtype), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        matmul = jax.jit(lambda a, b: a @ b)
+        matmul(x, w).block_until_ready()
         start = time.perf_counter()
         for _ in range(repeats):
-            out = matmul(a)
+            out = matmul(x, w)
         out.block_until_ready()
         seconds = (time.perf_counter() - start) / repeats
-        _PEAK_CACHE[key] = 2 * size**3 / seconds * jax.local_device_count() / _devices_sharing_host()
+        _PEAK_CACHE[key] = 2 * x.shape[0] * size * size / seconds
     return _PEAK_CACHE[key]
-
-
-def _devices_sharing_host() -> int:
-    # Simulated CPU devices (--xla_force_host_platform_device_count) share the same cores:
-    # one matmul already uses them all, so count the host once.
-    return jax.local_device_count() if jax.default_backend() == "cpu" else 1
 
 
 def format_duration(seconds: float) -> str:

@@ -1,0 +1,273 @@
+"""The training loop: `train(config)` takes an experiment from corpus to checkpointed model.
+
+    corpus (tfds) -> tokenizer -> grain packed batches -> jitted train_step -> orbax
+                                                          \\-> eval, metrics, sample
+
+A run lives in `train.run_dir`: `metrics.jsonl`, `tensorboard/`, `tokenizer/`,
+`checkpoints/`. Starting a run in a directory that holds checkpoints resumes from the
+newest complete one, data iterator included, so the losses continue exactly as if the
+run had never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pathlib
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from llm_jax.config import ConfigError, ExperimentConfig, to_dict
+from llm_jax.data.pipeline import first_batches, make_tokenizer, open_corpus, packed_batches
+from llm_jax.data.tokenizers import Tokenizer, load_tokenizer
+from llm_jax.parallel.mesh import make_mesh
+from llm_jax.parallel.rules import param_shardings, sharding_context
+from llm_jax.training.checkpoint import Checkpointer
+from llm_jax.training.metrics import MetricsWriter, flops_per_token, format_duration, measured_peak_flops
+from llm_jax.training.optimizer import learning_rate_schedule
+from llm_jax.training.step import eval_step, init_sharded_train_state, train_step
+
+log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: pathlib.Path
+    step: int
+    resumed_from: int | None
+    train_loss: float | None
+    validation: dict[str, float] | None  # loss, perplexity, bits_per_byte
+    skipped_steps: int
+    tokens_per_second: float
+    seconds: float
+    sample: str | None
+
+
+# ------------------------------------------------------------------------ setup helpers
+
+
+def _check_batch(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> int:
+    """Rows per JAX process, after checking the batch splits evenly where it must."""
+    ways = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = cfg.train.batch_size // cfg.train.microbatches
+    if micro % ways:
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} with train.microbatches={cfg.train.microbatches} gives "
+            f"{micro} rows per microbatch, which the {ways} data x fsdp devices of the mesh cannot split evenly"
+        )
+    if cfg.train.batch_size % jax.process_count():
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
+                          f"{jax.process_count()} JAX processes")
+    return cfg.train.batch_size // jax.process_count()
+
+
+def _check_resumable(saved: ExperimentConfig | None, cfg: ExperimentConfig, run_dir: pathlib.Path) -> None:
+    """Refuse to resume a run whose model or data changed: its checkpoint cannot fit."""
+    if saved is None:
+        return
+    for section in ("model", "data"):
+        old, new = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
+        changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k]}
+        if changed:
+            details = ", ".join(f"{section}.{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            raise ConfigError(f"{run_dir} holds checkpoints of a different {section} config ({details}); "
+                              f"use a new train.run_dir or restore the old settings")
+
+
+def _tokenizer(cfg: ExperimentConfig, corpus, run_dir: pathlib.Path) -> Tokenizer:
+    """The run's tokenizer: the one saved in the run directory, else a new one saved there."""
+    saved = run_dir / "tokenizer"
+    if (saved / "tokenizer.json").exists():
+        tokenizer = load_tokenizer(saved)
+    else:
+        tokenizer = make_tokenizer(cfg.data, corpus, cfg.model.vocab_size)
+        if jax.process_index() == 0:
+            tokenizer.save(saved)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but model.vocab_size="
+                          f"{cfg.model.vocab_size}; raise model.vocab_size to at least {tokenizer.vocab_size}")
+    return tokenizer
+
+
+def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for special ids): the bits-per-byte divisor."""
+    lengths = np.zeros(vocab_size, np.int64)
+    for i in range(tokenizer.vocab_size):
+        lengths[i] = tokenizer.token_bytes(i)
+    return lengths
+
+
+# ------------------------------------------------------------------------------ train
+
+
+class _Run:
+    """State shared by the loop's pieces; `train()` below is the entry point."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: pathlib.Path, print_fn: Callable[[str], None]):
+        self.cfg, self.run_dir, self.print = cfg, run_dir, print_fn
+        self.mesh = make_mesh(cfg.mesh)
+        self.local_batch = _check_batch(cfg, self.mesh)
+        self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        self.schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
+
+    def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
+
+    def evaluate(self, params, batches, byte_counts) -> dict[str, float]:
+        sums = [eval_step(params, self.device_batch(b), model_cfg=self.cfg.model) for b in batches]
+        loss_sum = sum(float(s["loss_sum"]) for s in sums)
+        tokens = sum(float(s["tokens"]) for s in sums)
+        loss = loss_sum / max(tokens, 1.0)
+        return {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_byte": loss_sum / math.log(2) / max(byte_counts, 1),
+        }
+
+
+def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
+          print_fn: Callable[[str], None] = print) -> TrainResult:
+    """Train `cfg` in `run_dir` (default `cfg.train.run_dir`), resuming if it holds checkpoints."""
+    run_dir = pathlib.Path(run_dir or cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
+    _check_resumable(checkpointer.saved_config() if checkpointer.steps() else None, cfg, run_dir)
+    run = _Run(cfg, run_dir, print_fn)
+
+    corpus = open_corpus(cfg.data)
+    tokenizer = _tokenizer(cfg, corpus, run_dir)
+    pipeline = dict(tokenizer=tokenizer, seq_len=cfg.data.seq_len, batch_size=run.local_batch,
+                    process_index=jax.process_index(), process_count=jax.process_count())
+    train_iter = iter(packed_batches(corpus.train, train=True, seed=cfg.train.seed, **pipeline))
+    val_batches = list(first_batches(packed_batches(corpus.validation, train=False, **pipeline),
+                                     cfg.train.eval_steps))
+    if cfg.train.eval_steps and not val_batches:
+        raise ValueError(f"the validation split ({len(corpus.validation)} documents) is too short for one batch "
+                         f"of {run.local_batch} x {cfg.data.seq_len} tokens; raise data.validation_fraction")
+    print_fn(f"corpus {corpus.name}: {len(corpus.train):,} training and {len(corpus.validation):,} validation "
+             f"documents; {cfg.data.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids")
+    byte_lengths = token_byte_lengths(tokenizer, cfg.model.vocab_size)
+    val_bytes = sum(int((byte_lengths[b["targets"]] * b["loss_mask"]).sum()) for b in val_batches)
+
+    shardings = param_shardings(cfg.model, run.mesh)
+    with sharding_context(run.mesh):
+        state = init_sharded_train_state(cfg.model, cfg.optim, cfg.train.steps, jax.random.key(cfg.train.seed),
+                                         run.mesh, shardings)
+        restored = checkpointer.restore_latest(state, train_iter)
+        resumed_from = None
+        if restored is not None:
+            state, resumed_from = restored, int(restored.step)
+            print_fn(f"resumed from step {resumed_from} in {run_dir}")
+        writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=to_dict(cfg))
+        try:
+            state, summary = _loop(run, state, train_iter, val_batches, val_bytes, checkpointer, writer)
+            checkpointer.wait()
+            sample = _sample(run, state.params, tokenizer) if cfg.train.sample_tokens else None
+        finally:
+            writer.close()
+            checkpointer.close()
+    result = TrainResult(run_dir=run_dir, resumed_from=resumed_from, sample=sample, **summary)
+    _print_summary(run, result)
+    return result
+
+
+def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, writer):
+    """Step until `train.steps`, logging, evaluating and checkpointing on schedule."""
+    cfg, tc = run.cfg, run.cfg.train
+    step = int(state.step)
+    peak = measured_peak_flops()
+    bar = tqdm(total=tc.steps, initial=step, disable=None if tc.progress_bar else True, unit="step",
+               dynamic_ncols=True, leave=False)
+    pending: list[dict] = []  # device metrics since the last log line (fetched together)
+    previous = None
+    last_log, start = time.perf_counter(), time.perf_counter()
+    first_step, train_loss, validation, tokens_seen = step, None, None, 0.0
+    while step < tc.steps:
+        batch = run.device_batch(next(train_iter))
+        state, metrics = train_step(state, batch, model_cfg=cfg.model, microbatches=tc.microbatches, z_loss=tc.z_loss)
+        step += 1
+        pending.append(metrics)
+        # Reading the previous step's counter waits only for that step, not the one just queued.
+        if previous is not None and int(previous["bad_in_a_row"]) >= tc.max_bad_steps:
+            raise TrainingDiverged(
+                f"{tc.max_bad_steps} consecutive steps (up to step {step - 1}) had a non-finite loss or gradient "
+                f"(train.max_bad_steps={tc.max_bad_steps}); stopping. Try a lower optim.lr, optim.grad_clip, or "
+                f"float32 compute (model.dtype=float32)")
+        previous = metrics
+        bar.update(1)
+        last = step == tc.steps
+        if step % tc.log_every == 0 or last:
+            fetched = jax.device_get(pending)
+            pending = []
+            now = time.perf_counter()
+            tokens = sum(m["tokens"] for m in fetched)
+            tokens_seen += tokens
+            train_loss = float(np.mean([m["loss"] for m in fetched if not m["skipped"]] or [math.nan]))
+            tok_s = tokens / (now - last_log)
+            scalars = {
+                "train/loss": train_loss, "train/grad_norm": float(np.mean([m["grad_norm"] for m in fetched])),
+                "train/learning_rate": float(run.schedule(step - 1)), "train/tokens_per_second": tok_s,
+                "train/mfu": tok_s / run.tokens_per_step * run.flops_per_step / peak,
+                "train/skipped_steps": float(sum(m["skipped"] for m in fetched)),
+            }
+            writer.write(step, scalars)
+            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{scalars['train/mfu']:.1%}")
+            eta = (now - start) / (step - first_step) * (tc.steps - step)
+            bar.write(f"step {step:>6}/{tc.steps} | loss {train_loss:.4f} | lr {scalars['train/learning_rate']:.2e} | "
+                      f"grad {scalars['train/grad_norm']:.3f} | {tok_s:,.0f} tok/s | MFU {scalars['train/mfu']:.1%} | "
+                      f"{format_duration(now - start)} elapsed, {format_duration(eta)} left")
+            last_log = now
+        validation_loss = None
+        if val_batches and (step % tc.eval_every == 0 or last):
+            validation = run.evaluate(state.params, val_batches, val_bytes)
+            validation_loss = validation["loss"]
+            writer.write(step, {f"validation/{k}": v for k, v in validation.items()})
+            bar.write(f"step {step:>6}/{tc.steps} | validation loss {validation['loss']:.4f} | "
+                      f"perplexity {validation['perplexity']:.2f} | bits/byte {validation['bits_per_byte']:.4f}")
+        if step % tc.checkpoint_every == 0 or last:
+            checkpointer.save(state, train_iter, cfg, validation_loss=validation_loss)
+    bar.close()
+    seconds = time.perf_counter() - start
+    summary = dict(step=step, train_loss=train_loss, validation=validation, skipped_steps=int(state.skipped),
+                   tokens_per_second=tokens_seen / seconds if seconds else 0.0, seconds=seconds)
+    return state, summary
+
+
+def _sample(run: _Run, params, tokenizer: Tokenizer) -> str:
+    """A greedy completion of `train.sample_prompt`, trimmed to fit the model's context."""
+    from llm_jax.inference import generate
+
+    tc = run.cfg.train
+    n_new = min(tc.sample_tokens, run.cfg.model.max_seq_len - 1)
+    prompt = tokenizer.encode(tc.sample_prompt)[-(run.cfg.model.max_seq_len - n_new):] or [tokenizer.eos_id]
+    out = generate(params, run.cfg.model, [prompt], max_new_tokens=n_new, sampling={"temperature": 0.0},
+                   stop_tokens=[tokenizer.eos_id], tokenizer=tokenizer)
+    return tc.sample_prompt + out.texts[0]
+
+
+def _print_summary(run: _Run, result: TrainResult) -> None:
+    p = run.print
+    p(f"\n{run.cfg.name}: {result.step} steps in {format_duration(result.seconds)} "
+      f"({result.tokens_per_second:,.0f} tokens/s), run directory {result.run_dir}")
+    if result.resumed_from is not None:
+        p(f"  resumed from step {result.resumed_from}")
+    if result.train_loss is not None:
+        p(f"  train loss       {result.train_loss:.4f}")
+    if result.validation:
+        v = result.validation
+        p(f"  validation loss  {v['loss']:.4f}   perplexity {v['perplexity']:.2f}   bits/byte {v['bits_per_byte']:.4f}")
+    if result.skipped_steps:
+        p(f"  skipped steps    {result.skipped_steps} (non-finite loss or gradient)")
+    if result.sample is not None:
+        p("  sample (greedy):\n" + "\n".join("    " + line for line in result.sample.splitlines()))

@@ -1,0 +1,177 @@
+"""The train loop end to end: metrics, evaluation, checkpoints, exact resume, bad input."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from llm_jax import experiment
+from llm_jax.config import ConfigError, override
+from llm_jax.training.checkpoint import Checkpointer, load_trained_model
+from llm_jax.training.loop import TrainingDiverged, train
+from llm_jax.training.metrics import read_metrics
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+    """A small text whose patterns a tiny model picks up in a few dozen steps."""
+    rng = np.random.default_rng(0)
+    names = ["anna", "bob", "carl", "dora", "eve"]
+    lines = [f"{rng.choice(names)} gives {rng.integers(10)} apples to {rng.choice(names)}." for _ in range(3000)]
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _overrides(corpus_file, run_dir, **extra):
+    settings = {
+        "data.source": "text", "data.path": str(corpus_file), "data.split": "tail", "data.tokenizer": "char",
+        "data.data_dir": str(run_dir.parent / "datasets"), "data.seq_len": 32,
+        "train.run_dir": str(run_dir), "train.steps": 30, "train.batch_size": 8, "train.log_every": 1,
+        "train.eval_every": 10, "train.eval_steps": 2, "train.checkpoint_every": 10,
+        "train.progress_bar": "false", "train.sample_prompt": "anna gives", "train.sample_tokens": 8,
+        "optim.warmup_steps": 5,
+    }
+    settings.update(extra)
+    return [f"{k}={v}" for k, v in settings.items()]
+
+
+def _config(corpus_file, run_dir, **extra):
+    return experiment.load("debug", _overrides(corpus_file, run_dir, **extra))
+
+
+def _losses(run_dir):
+    """Train loss by step; a resumed run re-logs steps after its checkpoint, the last entry wins."""
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def test_a_run_learns_evaluates_checkpoints_and_samples(corpus_file, tmp_path):
+    run_dir = tmp_path / "run"
+    lines = []
+    result = train(_config(corpus_file, run_dir), print_fn=lines.append)
+    losses = _losses(run_dir)
+    assert sorted(losses) == list(range(1, 31))
+    assert np.mean([losses[s] for s in range(26, 31)]) < 0.7 * np.mean([losses[s] for s in range(1, 4)])
+    records = read_metrics(run_dir)
+    validation = [r for r in records if "validation/loss" in r]
+    assert [r["step"] for r in validation] == [10, 20, 30]
+    assert validation[-1]["validation/loss"] < validation[0]["validation/loss"]
+    v = result.validation
+    np.testing.assert_allclose(v["perplexity"], np.exp(v["loss"]), rtol=1e-6)
+    # Characters are one byte each here: bits per byte is the loss in bits (eos targets cost 0 bytes).
+    assert 0.9 * v["loss"] / np.log(2) < v["bits_per_byte"] < 1.2 * v["loss"] / np.log(2)
+    assert all(0 < r["train/mfu"] < 1 and r["train/tokens_per_second"] > 0 for r in records if "train/mfu" in r)
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert Checkpointer(run_dir / "checkpoints").steps() == [10, 20, 30]
+    assert result.sample.startswith("anna gives") and len(result.sample) > len("anna gives")
+    assert any("validation loss" in line for line in lines)
+    # The checkpoint serves generation: config and params come back from the run directory.
+    cfg, params, step = load_trained_model(run_dir)
+    assert step == 30 and cfg == _config(corpus_file, run_dir)
+
+
+def test_restarting_a_finished_run_resumes_and_checks_the_config(corpus_file, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_config(corpus_file, run_dir, **{"train.steps": 10, "train.sample_tokens": 0}), print_fn=lambda _: None)
+    more = train(_config(corpus_file, run_dir, **{"train.steps": 20, "train.sample_tokens": 0}),
+                 print_fn=lambda _: None)
+    assert more.resumed_from == 10 and more.step == 20
+    with pytest.raises(ConfigError, match="model.d_model: 64 -> 32"):
+        train(_config(corpus_file, run_dir, **{"model.d_model": 32}), print_fn=lambda _: None)
+
+
+def _start(corpus_file, run_dir, steps):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    overrides = _overrides(corpus_file, run_dir, **{"train.steps": steps, "train.checkpoint_every": 5,
+                                                    "train.sample_tokens": 0, "train.tensorboard": "false"})
+    cmd = [sys.executable, "-m", "llm_jax.cli", "train", "--experiment", "debug", *overrides]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_and_resume_gives_exactly_the_uninterrupted_losses(corpus_file, tmp_path):
+    steps = 40
+    reference = tmp_path / "reference"
+    train(_config(corpus_file, reference, **{"train.steps": steps, "train.checkpoint_every": 5,
+                                             "train.sample_tokens": 0}), print_fn=lambda _: None)
+
+    run_dir = tmp_path / "killed"
+    proc = _start(corpus_file, run_dir, steps)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 17:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed:\n{proc.stdout.read()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(_losses(run_dir))
+    assert 10 <= killed_at < steps
+
+    proc = _start(corpus_file, run_dir, steps)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    assert "resumed from step" in output
+    resumed_losses, reference_losses = _losses(run_dir), _losses(reference)
+    assert sorted(resumed_losses) == list(range(1, steps + 1))
+    for step in range(1, steps + 1):
+        assert resumed_losses[step] == reference_losses[step], f"step {step}"
+
+
+def test_an_unfinished_save_is_ignored_and_a_corrupt_checkpoint_falls_back(corpus_file, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = _config(corpus_file, run_dir, **{"train.steps": 20, "train.sample_tokens": 0})
+    train(cfg, print_fn=lambda _: None)
+    ckpt = run_dir / "checkpoints"
+    # What a kill during a save leaves: a temporary directory that never got its final name.
+    partial = ckpt / "25.orbax-checkpoint-tmp-1"
+    (partial / "state").mkdir(parents=True)
+    (partial / "state" / "half_written").write_bytes(b"\0" * 10)
+    # And a finished checkpoint whose files were damaged afterwards.
+    for f in (ckpt / "20" / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.warns(RuntimeWarning, match="20 could not be restored"):
+        result = train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=30)),
+                       print_fn=lambda _: None)
+    assert result.resumed_from == 10
+    assert (ckpt / "20.corrupt").is_dir() and not partial.exists()
+    assert Checkpointer(ckpt).steps()[-1] == 30
+
+
+def test_too_many_non_finite_steps_stop_the_run(corpus_file, tmp_path):
+    # An absurd learning rate turns the weights to inf after the first update; every later
+    # step is non-finite and skipped, and the run stops after max_bad_steps of them.
+    cfg = _config(corpus_file, tmp_path / "run", **{"optim.lr": 1e30, "optim.grad_clip": "None",
+                                                    "optim.warmup_steps": 0, "train.max_bad_steps": 3})
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+        train(cfg, print_fn=lambda _: None)
+
+
+def test_bad_run_settings_are_refused(corpus_file, tmp_path):
+    # 8 simulated devices cannot split 6 rows evenly.
+    with pytest.raises(ConfigError, match="batch_size=6"):
+        train(_config(corpus_file, tmp_path / "a", **{"train.batch_size": 6}), print_fn=lambda _: None)
+    with pytest.raises(ConfigError, match="data.path"):
+        train(override(_config(corpus_file, tmp_path / "b"), ["data.path=None"]), print_fn=lambda _: None)
+    with pytest.raises(ValueError, match="model.vocab_size"):
+        train(_config(corpus_file, tmp_path / "c", **{"model.vocab_size": 8}), print_fn=lambda _: None)
+    with pytest.raises(ConfigError, match="seq_len=64 exceeds"):
+        _config(corpus_file, tmp_path / "d", **{"data.seq_len": 64, "model.max_seq_len": 32})
+
+
+def test_metrics_file_is_json_lines(corpus_file, tmp_path):
+    run_dir = tmp_path / "run"
+    train(_config(corpus_file, run_dir, **{"train.steps": 3, "train.eval_steps": 1, "train.sample_tokens": 0}),
+          print_fn=lambda _: None)
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        assert isinstance(json.loads(line)["step"], int)
