@@ -51,8 +51,6 @@ def cmd_train(args) -> int:
 
 def cmd_generate(args) -> int:
     """Complete prompts with a trained model, streaming the text of a single prompt."""
-    import dataclasses
-
     from llm_jax.config import override
     from llm_jax.data.tokenizers import load_tokenizer
     from llm_jax.inference import generate
@@ -64,8 +62,6 @@ def cmd_generate(args) -> int:
     tokenizer = load_tokenizer(pathlib.Path(args.checkpoint) / "tokenizer")
     if args.quantize:
         params = quantize_params(params, cfg.model, bits=8 if args.quantize == "int8" else 4)
-    sampling = {k: v for k, v in dataclasses.asdict(decode).items()
-                if k in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")}
     prompts = args.prompt
     room = cfg.model.max_seq_len - max(len(tokenizer.encode(p)) for p in prompts)
     if room < 1:
@@ -81,7 +77,7 @@ def cmd_generate(args) -> int:
     single = len(prompts) == 1
     if single:
         print(prompts[0], end="", flush=True)
-    out = generate(params, cfg.model, prompts, max_new_tokens=max_new, sampling=sampling, tokenizer=tokenizer,
+    out = generate(params, cfg.model, prompts, max_new_tokens=max_new, sampling=decode.sampling(), tokenizer=tokenizer,
                    stop_tokens=[tokenizer.eos_id], seed=decode.seed, on_tokens=show if single else None,
                    int8_cache=args.int8_cache)
     if single:

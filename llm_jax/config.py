@@ -276,7 +276,7 @@ class TrainConfig:
     max_bad_steps: int = 20
     seed: int = 0
     run_dir: str = "runs/default"
-    # At the end of a run: a completion of this prompt (greedy), `sample_tokens` long.
+    # At the end of a run: a completion of this prompt (with the `decode` settings).
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
     tensorboard: bool = True
@@ -317,6 +317,11 @@ class DecodeConfig:
         _require(0 <= self.min_p < 1, "decode.min_p", f"must be in [0, 1), got {self.min_p}")
         _require(self.repetition_penalty > 0, "decode.repetition_penalty", "must be positive")
         _require(self.beam_size >= 1, "decode.beam_size", "must be >= 1")
+
+    def sampling(self) -> dict:
+        """The sampler settings, as `generate(..., sampling=...)` takes them."""
+        names = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty")
+        return {name: getattr(self, name) for name in names}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,3 +35,29 @@ def test_experiments_lists_the_presets(capsys):
     assert cli.main(["experiments"]) == 0
     out = capsys.readouterr().out
     assert "llama3_8b" in out and "debug" in out
+
+
+def test_train_then_generate_from_the_checkpoint(tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the cat sat on the mat.\n" * 400)
+    run_dir = tmp_path / "run"
+    args = ["train", "--experiment", "debug", "data.source=text", f"data.path={corpus}", "data.split=tail",
+            "data.tokenizer=char", f"data.data_dir={tmp_path / 'data'}", "data.seq_len=32", "train.steps=4",
+            "train.batch_size=8", "train.eval_every=2", "train.eval_steps=1", "train.log_every=2",
+            "train.checkpoint_every=2", f"train.run_dir={run_dir}", "train.progress_bar=false",
+            "train.sample_tokens=0", "train.tensorboard=false", "optim.warmup_steps=1"]
+    assert cli.main(args) == 0
+    assert "validation loss" in capsys.readouterr().out
+    assert cli.main(["generate", "--checkpoint", str(run_dir), "--prompt", "the cat", "max_new_tokens=5",
+                     "temperature=0"]) == 0
+    captured = capsys.readouterr()
+    line = captured.out.splitlines()[0]
+    assert line.startswith("the cat") and len(line) == len("the cat") + 5  # streamed, one char per token
+    assert "step 4" in captured.err
+
+
+def test_train_and_generate_report_bad_input(tmp_path, capsys):
+    assert cli.main(["train", "--experiment", "debug", "data.source=text"]) == 2
+    assert "data.path" in capsys.readouterr().err
+    assert cli.main(["generate", "--checkpoint", str(tmp_path), "--prompt", "x"]) == 2
+    assert "no checkpoints/ folder" in capsys.readouterr().err

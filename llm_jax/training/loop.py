@@ -245,14 +245,14 @@ def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, wr
 
 
 def _sample(run: _Run, params, tokenizer: Tokenizer) -> str:
-    """A greedy completion of `train.sample_prompt`, trimmed to fit the model's context."""
+    """A completion of `train.sample_prompt` with the experiment's decode settings."""
     from llm_jax.inference import generate
 
-    tc = run.cfg.train
+    tc, decode = run.cfg.train, run.cfg.decode
     n_new = min(tc.sample_tokens, run.cfg.model.max_seq_len - 1)
     prompt = tokenizer.encode(tc.sample_prompt)[-(run.cfg.model.max_seq_len - n_new):] or [tokenizer.eos_id]
-    out = generate(params, run.cfg.model, [prompt], max_new_tokens=n_new, sampling={"temperature": 0.0},
-                   stop_tokens=[tokenizer.eos_id], tokenizer=tokenizer)
+    out = generate(params, run.cfg.model, [prompt], max_new_tokens=n_new, sampling=decode.sampling(),
+                   stop_tokens=[tokenizer.eos_id], tokenizer=tokenizer, seed=decode.seed)
     return tc.sample_prompt + out.texts[0]
 
 
@@ -270,4 +270,4 @@ def _print_summary(run: _Run, result: TrainResult) -> None:
     if result.skipped_steps:
         p(f"  skipped steps    {result.skipped_steps} (non-finite loss or gradient)")
     if result.sample is not None:
-        p("  sample (greedy):\n" + "\n".join("    " + line for line in result.sample.splitlines()))
+        p(f"  sample (temperature {run.cfg.decode.temperature}):\n" + "\n".join("    " + line for line in result.sample.splitlines()))
