@@ -2,6 +2,7 @@
 
     llm-jax train    [--experiment NAME] [key=value ...]   train (the main job; resumes a run)
     llm-jax generate --checkpoint RUN_DIR --prompt TEXT      complete a prompt, streaming
+    llm-jax evaluate --checkpoint RUN_DIR [--quantize ...]   validation perplexity (and after quantization)
     llm-jax forward  [--experiment NAME] [key=value ...]   one forward pass of a model
     llm-jax params   [--experiment NAME] [key=value ...]   parameter shapes, axes, counts
     llm-jax config   [--experiment NAME] [key=value ...]   the resolved config as JSON
@@ -89,6 +90,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    """Validation perplexity of a trained checkpoint, and its change under weight quantization."""
+    from llm_jax.data.pipeline import open_corpus
+    from llm_jax.data.tokenizers import load_tokenizer
+    from llm_jax.evaluation import quantization_report, validation_batches
+    from llm_jax.training.checkpoint import load_trained_model
+
+    cfg, params, step = load_trained_model(args.checkpoint, step=args.step)
+    tokenizer = load_tokenizer(pathlib.Path(args.checkpoint) / "tokenizer")
+    corpus = open_corpus(cfg.data)
+    batches, n_bytes = validation_batches(corpus.validation, tokenizer, seq_len=cfg.data.seq_len,
+                                          batch_size=args.batch_size, n_batches=args.batches,
+                                          vocab_size=cfg.model.vocab_size)
+    if not batches:
+        raise ValueError(f"the validation split of {corpus.name} is too short for one batch")
+    schemes = [(int(q[3]), args.group_size if q == "int4" else None) for q in args.quantize]
+    rows = quantization_report(params, cfg.model, batches, n_bytes, schemes)
+    tokens = sum(int(b["loss_mask"].sum()) for b in batches)
+    print(f"{args.checkpoint} step {step}: {len(batches)} validation batches, {tokens:,} scored tokens")
+    print(f"{'weights':28s} {'MB':>8s} {'loss':>8s} {'perplexity':>11s} {'bits/byte':>10s} {'change':>8s}")
+    for r in rows:
+        print(f"{r['weights']:28s} {r['bytes'] / 1e6:8.2f} {r['loss']:8.4f} {r['perplexity']:11.3f} "
+              f"{r['bits_per_byte']:10.4f} {r['perplexity_change']:+8.2%}")
+    return 0
+
+
 def cmd_forward(args) -> int:
     """Initialise the experiment's model and run one forward pass on random tokens."""
     import jax
@@ -171,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="decoding settings, e.g. temperature=0.8 top_p=0.95 max_new_tokens=100 seed=1")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("evaluate", help="validation perplexity of a checkpoint, float and quantized")
+    p.add_argument("--checkpoint", required=True, help="a run directory (train.run_dir of a training run)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--quantize", nargs="*", choices=("int8", "int4"), default=["int8", "int4"],
+                   help="weight-only quantizations to compare with the float weights")
+    p.add_argument("--group-size", type=int, default=128, help="int4 scale group size along the contraction axis")
+    p.add_argument("--batches", type=int, default=20, help="validation batches to score")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("forward", help="one forward pass of an experiment's model")
     _add_experiment_args(p)

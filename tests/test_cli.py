@@ -54,6 +54,13 @@ def test_train_then_generate_from_the_checkpoint(tmp_path, capsys):
     line = captured.out.splitlines()[0]
     assert line.startswith("the cat") and len(line) == len("the cat") + 5  # streamed, one char per token
     assert "step 4" in captured.err
+    assert cli.main(["evaluate", "--checkpoint", str(run_dir), "--batches", "2", "--quantize", "int8", "int4",
+                     "--group-size", "32"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = {line.split(" (")[0].split()[0]: line.split() for line in table[2:]}
+    assert set(rows) == {"float32", "int8", "int4"}
+    float_ppl, int8_ppl = float(rows["float32"][3]), float(rows["int8"][-3])
+    assert abs(int8_ppl / float_ppl - 1) < 0.01  # int8 weights barely move perplexity
 
 
 def test_train_and_generate_report_bad_input(tmp_path, capsys):

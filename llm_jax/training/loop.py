@@ -23,14 +23,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from llm_jax.config import ConfigError, ExperimentConfig, to_dict
-from llm_jax.data.pipeline import first_batches, make_tokenizer, open_corpus, packed_batches
+from llm_jax.data.pipeline import make_tokenizer, open_corpus, packed_batches
 from llm_jax.data.tokenizers import Tokenizer, load_tokenizer
+from llm_jax.evaluation.perplexity import evaluate_perplexity, validation_batches
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.rules import param_shardings, sharding_context
 from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.metrics import MetricsWriter, flops_per_token, format_duration, measured_peak_flops
 from llm_jax.training.optimizer import learning_rate_schedule
-from llm_jax.training.step import eval_step, init_sharded_train_state, train_step
+from llm_jax.training.step import init_sharded_train_state, train_step
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +99,6 @@ def _tokenizer(cfg: ExperimentConfig, corpus, run_dir: pathlib.Path) -> Tokenize
     return tokenizer
 
 
-def token_byte_lengths(tokenizer: Tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (0 for special ids): the bits-per-byte divisor."""
-    lengths = np.zeros(vocab_size, np.int64)
-    for i in range(tokenizer.vocab_size):
-        lengths[i] = tokenizer.token_bytes(i)
-    return lengths
-
-
 # ------------------------------------------------------------------------------ train
 
 
@@ -124,16 +117,8 @@ class _Run:
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
 
-    def evaluate(self, params, batches, byte_counts) -> dict[str, float]:
-        sums = [eval_step(params, self.device_batch(b), model_cfg=self.cfg.model) for b in batches]
-        loss_sum = sum(float(s["loss_sum"]) for s in sums)
-        tokens = sum(float(s["tokens"]) for s in sums)
-        loss = loss_sum / max(tokens, 1.0)
-        return {
-            "loss": loss,
-            "perplexity": math.exp(min(loss, 700.0)),
-            "bits_per_byte": loss_sum / math.log(2) / max(byte_counts, 1),
-        }
+    def evaluate(self, params, batches, n_bytes) -> dict[str, float]:
+        return evaluate_perplexity(params, self.cfg.model, batches, n_bytes, put=self.device_batch)
 
 
 def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
@@ -150,15 +135,13 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     pipeline = dict(tokenizer=tokenizer, seq_len=cfg.data.seq_len, batch_size=run.local_batch,
                     process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = iter(packed_batches(corpus.train, train=True, seed=cfg.train.seed, **pipeline))
-    val_batches = list(first_batches(packed_batches(corpus.validation, train=False, **pipeline),
-                                     cfg.train.eval_steps))
+    print_fn(f"corpus {corpus.name}: {len(corpus.train):,} training and {len(corpus.validation):,} validation "
+             f"documents; {cfg.data.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids")
+    val_batches, val_bytes = validation_batches(corpus.validation, n_batches=cfg.train.eval_steps,
+                                                vocab_size=cfg.model.vocab_size, **pipeline)
     if cfg.train.eval_steps and not val_batches:
         raise ValueError(f"the validation split ({len(corpus.validation)} documents) is too short for one batch "
                          f"of {run.local_batch} x {cfg.data.seq_len} tokens; raise data.validation_fraction")
-    print_fn(f"corpus {corpus.name}: {len(corpus.train):,} training and {len(corpus.validation):,} validation "
-             f"documents; {cfg.data.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids")
-    byte_lengths = token_byte_lengths(tokenizer, cfg.model.vocab_size)
-    val_bytes = sum(int((byte_lengths[b["targets"]] * b["loss_mask"]).sum()) for b in val_batches)
 
     shardings = param_shardings(cfg.model, run.mesh)
     with sharding_context(run.mesh):
