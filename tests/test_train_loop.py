@@ -171,7 +171,7 @@ def test_bad_run_settings_are_refused(corpus_file, tmp_path):
 
 def test_metrics_file_is_json_lines(corpus_file, tmp_path):
     run_dir = tmp_path / "run"
-    train(_config(corpus_file, run_dir, **{"train.steps": 3, "train.eval_steps": 1, "train.sample_tokens": 0}),
+    train(_config(corpus_file, run_dir, **{"train.steps": 3, "train.eval_steps": 1, "train.sample_tokens": 0, "optim.warmup_steps": 1}),
           print_fn=lambda _: None)
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         assert isinstance(json.loads(line)["step"], int)
