@@ -193,9 +193,16 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     pipeline: int = 1
+    # True: parameters, gradients and optimizer state are split over `fsdp` (ZeRO-3 / FSDP).
+    # False: ZeRO-1, only the optimizer state is split; parameters stay whole on every
+    # fsdp device (more memory, no all-gather of the weights in the forward pass).
+    shard_params: bool = True
+
+    def axis_sizes(self) -> dict[str, int]:
+        return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "pipeline": self.pipeline}
 
     def __post_init__(self):
-        sizes = dataclasses.asdict(self)
+        sizes = self.axis_sizes()
         for name, v in sizes.items():
             _require(v == -1 or v > 0, f"mesh.{name}", f"must be positive or -1, got {v}")
         _require(

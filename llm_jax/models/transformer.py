@@ -191,7 +191,9 @@ def _dummy_tokens(cfg: ModelConfig):
 def param_shapes(cfg: ModelConfig):
     """Abstract (ShapeDtypeStruct) parameters, with logical-axis metadata; nothing allocated."""
     model = Transformer(cfg)
-    return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_tokens(cfg)))["params"]
+    # Shapes do not depend on placement: leave any current mesh's rules out of it.
+    with nn.logical_axis_rules(()):
+        return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_tokens(cfg)))["params"]
 
 
 def param_logical_axes(cfg: ModelConfig):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Sequence
 
@@ -15,7 +14,7 @@ MESH_AXES = ("data", "fsdp", "tensor", "pipeline")
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> dict[str, int]:
     """Axis sizes with the -1 axis (if any) resolved; they must multiply to `n_devices`."""
-    sizes = dataclasses.asdict(cfg)
+    sizes = cfg.axis_sizes()
     fixed = math.prod(v for v in sizes.values() if v != -1)
     rest = [k for k, v in sizes.items() if v == -1]
     if rest:

@@ -50,7 +50,8 @@ def _mesh_spec(name: str, logical: jax.sharding.PartitionSpec, shape, mesh, rule
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     """A NamedSharding for every parameter, shaped like the params."""
-    shapes = nn.unbox(param_shapes(cfg))
+    with nn.logical_axis_rules(()):  # unboxing under active rules would add sharding constraints
+        shapes = nn.unbox(param_shapes(cfg))
     logical = param_logical_axes(cfg)
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
 

@@ -31,7 +31,7 @@ from llm_jax.parallel.rules import param_shardings, sharding_context
 from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.metrics import MetricsWriter, flops_per_token, format_duration, measured_peak_flops
 from llm_jax.training.optimizer import learning_rate_schedule
-from llm_jax.training.step import init_sharded_train_state, train_step
+from llm_jax.training.step import init_sharded_train_state, sharded_train_step
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     shardings = param_shardings(cfg.model, run.mesh)
     with sharding_context(run.mesh):
         state = init_sharded_train_state(cfg.model, cfg.optim, cfg.train.steps, jax.random.key(cfg.train.seed),
-                                         run.mesh, shardings)
+                                         run.mesh, shardings, shard_params=cfg.mesh.shard_params)
         restored = checkpointer.restore_latest(state, train_iter)
         resumed_from = None
         if restored is not None:
@@ -172,13 +172,15 @@ def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, wr
     peak = measured_peak_flops()
     bar = tqdm(total=tc.steps, initial=step, disable=None if tc.progress_bar else True, unit="step",
                dynamic_ncols=True, leave=False)
+    step_fn = sharded_train_step(state, run.batch_sharding, model_cfg=cfg.model, microbatches=tc.microbatches,
+                                 z_loss=tc.z_loss)
     pending: list[dict] = []  # device metrics since the last log line (fetched together)
     previous = None
     last_log, start = time.perf_counter(), time.perf_counter()
     first_step, train_loss, validation, tokens_seen = step, None, None, 0.0
     while step < tc.steps:
         batch = run.device_batch(next(train_iter))
-        state, metrics = train_step(state, batch, model_cfg=cfg.model, microbatches=tc.microbatches, z_loss=tc.z_loss)
+        state, metrics = step_fn(state, batch)
         step += 1
         pending.append(metrics)
         # Reading the previous step's counter waits only for that step, not the one just queued.

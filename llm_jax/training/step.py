@@ -79,9 +79,8 @@ def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss:
     return grads, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("model_cfg", "microbatches", "z_loss"), donate_argnums=0)
-def train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches: int = 1, z_loss: float = 0.0):
-    """One optimizer step; returns the new state and f32 scalar metrics."""
+def _train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches: int = 1, z_loss: float = 0.0):
+    """One optimizer step; returns the new state and f32 scalar metrics (jitted below)."""
     rng, step_rng = jax.random.split(state.rng)
     grads, sums = _accumulated_grads(state.params, batch, step_rng, model_cfg, microbatches, z_loss)
     tokens = jnp.maximum(sums["tokens"], 1.0)
@@ -112,6 +111,21 @@ def train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches
     return new_state, metrics
 
 
+# The state is donated: its buffers are reused for the new state.
+train_step = jax.jit(_train_step, static_argnames=("model_cfg", "microbatches", "z_loss"), donate_argnums=0)
+
+
+def sharded_train_step(state: TrainState, batch_sharding: jax.sharding.Sharding, *, model_cfg: ModelConfig,
+                       microbatches: int = 1, z_loss: float = 0.0):
+    """`train_step` compiled to keep the state exactly where it is (e.g. ZeRO-1 parameters
+    stay unsplit even though their updates come from a split optimizer state)."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+    step = functools.partial(_train_step, model_cfg=model_cfg, microbatches=microbatches, z_loss=z_loss)
+    return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+                   donate_argnums=0)
+
+
 @functools.partial(jax.jit, static_argnames=("model_cfg",))
 def eval_step(params, batch, *, model_cfg: ModelConfig):
     """Summed validation loss and token count (divide after summing over batches)."""
@@ -119,11 +133,14 @@ def eval_step(params, batch, *, model_cfg: ModelConfig):
     return {"loss_sum": metrics["loss_sum"], "tokens": metrics["tokens"]}
 
 
-def train_state_shardings(abstract_state: TrainState, param_shardings, replicated: jax.sharding.NamedSharding):
+def train_state_shardings(abstract_state: TrainState, param_shardings, replicated: jax.sharding.NamedSharding,
+                          shard_params: bool = True):
     """Shardings for a whole TrainState: optimizer moments follow their parameter.
 
     Optimizer leaves shaped like their parameter (Adam/Lion moments) take its sharding;
-    anything else (step counts, Adafactor's factored statistics) is replicated.
+    anything else (step counts, Adafactor's factored statistics) is replicated. With
+    `shard_params=False` (ZeRO-1) the parameters drop their `fsdp` split and only the
+    optimizer state keeps it.
     """
     shapes = jax.tree.map(lambda x: x.shape, abstract_state.params)
 
@@ -136,14 +153,28 @@ def train_state_shardings(abstract_state: TrainState, param_shardings, replicate
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x),
     )
-    return abstract_state.replace(step=replicated, params=param_shardings, opt_state=opt, rng=replicated,
+    params = param_shardings if shard_params else jax.tree.map(_without_fsdp, param_shardings)
+    return abstract_state.replace(step=replicated, params=params, opt_state=opt, rng=replicated,
                                   skipped=replicated, bad_in_a_row=replicated)
 
 
+def _without_fsdp(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSharding:
+    def drop(entry):
+        if entry == "fsdp":
+            return None
+        if isinstance(entry, tuple):
+            kept = tuple(a for a in entry if a != "fsdp")
+            return kept if kept else None
+        return entry
+
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*map(drop, sharding.spec)))
+
+
 def init_sharded_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, rng: jax.Array,
-                             mesh: jax.sharding.Mesh, param_shardings) -> TrainState:
+                             mesh: jax.sharding.Mesh, param_shardings, shard_params: bool = True) -> TrainState:
     """`init_train_state` compiled with output shardings: no array is ever whole on one device."""
     init = functools.partial(init_train_state, model_cfg, optim_cfg, total_steps)
     abstract = jax.eval_shape(init, rng)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    return jax.jit(init, out_shardings=train_state_shardings(abstract, param_shardings, replicated))(rng)
+    shardings = train_state_shardings(abstract, param_shardings, replicated, shard_params)
+    return jax.jit(init, out_shardings=shardings)(rng)
