@@ -197,6 +197,12 @@ class MeshConfig:
     # False: ZeRO-1, only the optimizer state is split; parameters stay whole on every
     # fsdp device (more memory, no all-gather of the weights in the forward pass).
     shard_params: bool = True
+    # With pipeline > 1: "gpipe" runs each microbatch through the stages once; "circular"
+    # cuts the stack into pipeline * pipeline_repeats chunks and loops microbatches
+    # through the ring pipeline_repeats times, shrinking the bubble by that factor.
+    pipeline_schedule: Literal["gpipe", "circular"] = "gpipe"
+    pipeline_repeats: int = 2  # circular only
+    pipeline_microbatches: int = 0  # 0: 2 x pipeline (more shrinks the bubble)
 
     def axis_sizes(self) -> dict[str, int]:
         return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor, "pipeline": self.pipeline}
@@ -210,6 +216,9 @@ class MeshConfig:
             "mesh",
             f"at most one axis may be -1 (the rest), got {sizes}",
         )
+        _check_literals(self)
+        _require(self.pipeline_repeats >= 1, "mesh.pipeline_repeats", "must be >= 1")
+        _require(self.pipeline_microbatches >= 0, "mesh.pipeline_microbatches", "must be >= 0 (0: 2 x pipeline)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Training on a mesh equals training on one device: data, FSDP/ZeRO, tensor parallelism.
+"""Training on a mesh equals training on one device: data, FSDP/ZeRO, tensor, pipeline.
 
 Three optimizer steps on 8 simulated CPU devices, for a matrix of mesh shapes, must give
 the single-device losses, gradients and parameters within 1e-5 relative (f32).
@@ -12,10 +12,11 @@ import pytest
 
 from llm_jax.config import MeshConfig, ModelConfig, OptimConfig
 from llm_jax.parallel import make_mesh, param_shardings, sharding_context
+from llm_jax.parallel.pipeline import PipelineSchedule, pipeline_runner
 from llm_jax.training.step import _accumulated_grads, init_sharded_train_state, init_train_state, sharded_train_step
 
-# 8 heads, 8 kv heads and widths divisible by 8, so every axis can be split 8 ways.
-CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=64, max_seq_len=32)
+# 8 layers, 8 heads, 8 kv heads and widths divisible by 8, so every axis can be split 8 ways.
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=64, max_seq_len=32)
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=1)
 STEPS = 3
 
@@ -37,12 +38,14 @@ def _run(mesh_cfg: MeshConfig | None, microbatches: int = 1):
     devices = jax.devices() if mesh_cfg else jax.devices()[:1]
     mesh = make_mesh(mesh_cfg or MeshConfig(data=1), devices=devices)
     cfg = dataclasses.replace(CFG)
+    runner = pipeline_runner(mesh, mesh_cfg or MeshConfig(), cfg.n_layers, 8 // microbatches)
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
     with sharding_context(mesh):
         state = init_sharded_train_state(cfg, OPTIM, 10, jax.random.key(0), mesh, param_shardings(cfg, mesh),
                                          shard_params=(mesh_cfg or MeshConfig()).shard_params)
-        step = sharded_train_step(state, batch_sharding, model_cfg=cfg, microbatches=microbatches)
-        grads_fn = jax.jit(lambda p, b: _accumulated_grads(p, b, jax.random.key(0), cfg, 1, 0.0)[0])
+        step = sharded_train_step(state, batch_sharding, model_cfg=cfg, microbatches=microbatches,
+                                  layer_runner=runner)
+        grads_fn = jax.jit(lambda p, b: _accumulated_grads(p, b, jax.random.key(0), cfg, 1, 0.0, runner)[0])
         batches = [jax.device_put(b, batch_sharding) for b in _batches()]
         grads = [jax.device_get(grads_fn(state.params, batches[0]))]
         losses = []
@@ -72,6 +75,11 @@ MESHES = {
     "tensor8": MeshConfig(data=1, tensor=8),
     "2x2x2": MeshConfig(data=2, fsdp=2, tensor=2),
     "zero1_fsdp4_tensor2": MeshConfig(data=1, fsdp=4, tensor=2, shard_params=False),
+    "pipeline8_gpipe": MeshConfig(data=1, pipeline=8, pipeline_microbatches=8),
+    "2x1x2x2_gpipe": MeshConfig(data=2, tensor=2, pipeline=2),
+    "1x2x2x2_circular": MeshConfig(data=1, fsdp=2, tensor=2, pipeline=2, pipeline_schedule="circular",
+                                   pipeline_repeats=2, pipeline_microbatches=4),
+    "2x1x1x4_circular": MeshConfig(data=2, pipeline=4, pipeline_schedule="circular", pipeline_repeats=2),
 }
 
 
@@ -127,3 +135,21 @@ def test_plain_init_matches_sharded_init():
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     sharded = init_sharded_train_state(CFG, OPTIM, 10, jax.random.key(0), mesh, param_shardings(CFG, mesh))
     _close(jax.device_get(sharded.params), jax.device_get(plain.params))
+
+
+def test_pipeline_layers_live_on_their_stage():
+    mesh = make_mesh(MeshConfig(data=2, pipeline=4))
+    state = init_sharded_train_state(CFG, OPTIM, 10, jax.random.key(0), mesh, param_shardings(CFG, mesh))
+    kernel = state.params["layers"]["attention"]["query"]["kernel"]
+    assert kernel.sharding.spec[0] == "pipeline" and kernel.addressable_shards[0].data.shape[0] == 2
+
+
+def test_bubble_fractions_and_schedule_errors():
+    gpipe, circular = PipelineSchedule(4, 8), PipelineSchedule(4, 8, repeats=2)
+    assert gpipe.bubble_fraction == 3 / 11 and circular.bubble_fraction == 3 / 19
+    with pytest.raises(ValueError, match="n_layers=6 cannot be cut into 4 pipeline stages x 1 repeats"):
+        gpipe.check(6, 8)
+    with pytest.raises(ValueError, match="batch of 6 rows cannot be split into 8"):
+        gpipe.check(8, 6)
+    with pytest.raises(ValueError, match="at least as many microbatches"):
+        PipelineSchedule(4, 2, repeats=2).check(8, 8)

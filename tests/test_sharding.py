@@ -33,7 +33,7 @@ def test_sharded_init_places_every_large_parameter_and_matches_plain_init():
             assert not a.sharding.is_fully_replicated, jax.tree_util.keystr(path)
             assert a.addressable_shards[0].data.size < a.size
     query = sharded["layers"]["attention"]["query"]["kernel"]
-    assert tuple(query.sharding.spec) == (None, "fsdp", "tensor", None)
+    assert tuple(query.sharding.spec) == ("pipeline", "fsdp", "tensor", None)  # pipeline size 1 here
 
 
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=2, fsdp=2, tensor=2), MeshConfig(data=4, tensor=2),

@@ -16,6 +16,7 @@ was passed in, in which case the new tokens' keys and values have been written i
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -67,6 +68,10 @@ class Block(nn.Module):
 
 class Transformer(nn.Module):
     cfg: ModelConfig
+    # Optional replacement for the scanned layer stack, e.g. a pipeline-parallel schedule:
+    # called as layer_runner(block_fn, layer_params, x_BTD, ctx) -> x_BTD, where
+    # block_fn(one_layer_params, x_BTD, ctx) -> x_BTD applies one Block. Training only.
+    layer_runner: Callable | None = None
 
     @nn.compact
     def __call__(
@@ -159,6 +164,8 @@ class Transformer(nn.Module):
 
     def _layers(self, x_BTD, ctx, kv, deterministic):
         cfg = self.cfg
+        if self.layer_runner is not None and not self.is_initializing():
+            return self._run_layers(x_BTD, ctx, kv, deterministic), kv
         block = Block
         if cfg.remat != "none":
             # Inside scan the loop boundary already prevents CSE from undoing remat.
@@ -179,6 +186,21 @@ class Transformer(nn.Module):
             x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, ctx, layer_kv)
             new_kv.append(layer_kv)
         return x_BTD, (None if kv is None else tuple(jnp.stack(a) for a in zip(*new_kv)))
+
+
+    def _run_layers(self, x_BTD, ctx, kv, deterministic):
+        """Hand the stacked layer parameters and a one-layer function to `layer_runner`."""
+        cfg = self.cfg
+        if kv is not None or not cfg.scan_layers or not deterministic:
+            raise ValueError("a layer_runner (pipeline parallelism) needs model.scan_layers=true, no KV cache "
+                             "and no dropout (model.dropout=0, model.attention_dropout=0)")
+
+        def block_fn(layer_params, x_BTD, ctx):
+            return Block(cfg, deterministic).apply({"params": layer_params}, x_BTD, ctx)[0]
+
+        if cfg.remat != "none":
+            block_fn = jax.checkpoint(block_fn, policy=REMAT_POLICIES[cfg.remat])
+        return self.layer_runner(block_fn, self.variables["params"]["layers"], x_BTD, ctx)
 
 
 # ----------------------------------------------------------------------- parameters

@@ -1,6 +1,7 @@
 """One table maps the model's logical axis names onto mesh axes.
 
     batch -> (data, fsdp)   embed -> fsdp (ZeRO-3 / FSDP)   heads, kv_heads, mlp, vocab -> tensor
+    layers -> pipeline
 
 Tensor parallelism is then Megatron-style: q/k/v and the MLP input are split by output
 columns, the attention output and MLP output by input rows, and the vocabulary is split
@@ -27,7 +28,7 @@ DEFAULT_RULES = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("head_dim", None),
-    ("layers", None),
+    ("layers", "pipeline"),  # each pipeline stage holds its own slice of the layer stack
 )
 
 

@@ -27,6 +27,7 @@ from llm_jax.data.pipeline import make_tokenizer, open_corpus, packed_batches
 from llm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from llm_jax.evaluation.perplexity import evaluate_perplexity, validation_batches
 from llm_jax.parallel.mesh import make_mesh
+from llm_jax.parallel.pipeline import pipeline_runner
 from llm_jax.parallel.rules import param_shardings, sharding_context
 from llm_jax.training.checkpoint import Checkpointer
 from llm_jax.training.metrics import MetricsWriter, flops_per_token, format_duration, measured_peak_flops
@@ -111,6 +112,8 @@ class _Run:
         self.local_batch = _check_batch(cfg, self.mesh)
         self.batch_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
         self.schedule = learning_rate_schedule(cfg.optim, cfg.train.steps)
+        self.layer_runner = pipeline_runner(self.mesh, cfg.mesh, cfg.model.n_layers,
+                                            cfg.train.batch_size // cfg.train.microbatches)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
 
@@ -173,7 +176,7 @@ def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, wr
     bar = tqdm(total=tc.steps, initial=step, disable=None if tc.progress_bar else True, unit="step",
                dynamic_ncols=True, leave=False)
     step_fn = sharded_train_step(state, run.batch_sharding, model_cfg=cfg.model, microbatches=tc.microbatches,
-                                 z_loss=tc.z_loss)
+                                 z_loss=tc.z_loss, layer_runner=run.layer_runner)
     pending: list[dict] = []  # device metrics since the last log line (fetched together)
     previous = None
     last_log, start = time.perf_counter(), time.perf_counter()

@@ -46,9 +46,9 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps
                       bad_in_a_row=counter(), tx=tx)
 
 
-def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, deterministic: bool):
+def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, deterministic: bool, layer_runner=None):
     """Token-summed loss of one (micro)batch, and its metrics."""
-    logits, _ = Transformer(model_cfg).apply(
+    logits, _ = Transformer(model_cfg, layer_runner=layer_runner).apply(
         {"params": params},
         batch["inputs"],
         positions_BT=batch.get("positions"),
@@ -61,7 +61,7 @@ def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, dete
     return metrics["loss_sum"] + z_loss * metrics["z_loss_sum"], metrics
 
 
-def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss: float):
+def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss: float, layer_runner=None):
     """Summed gradients and metrics over `microbatches` slices of the batch, one at a time."""
     grad_fn = jax.grad(_summed_loss, has_aux=True)
     split = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
@@ -69,7 +69,7 @@ def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss:
 
     def one(carry, inputs):
         micro, key = inputs
-        grads, metrics = grad_fn(params, micro, key, model_cfg, z_loss, deterministic)
+        grads, metrics = grad_fn(params, micro, key, model_cfg, z_loss, deterministic, layer_runner)
         return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
@@ -79,10 +79,11 @@ def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss:
     return grads, metrics
 
 
-def _train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches: int = 1, z_loss: float = 0.0):
+def _train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches: int = 1, z_loss: float = 0.0,
+                layer_runner=None):
     """One optimizer step; returns the new state and f32 scalar metrics (jitted below)."""
     rng, step_rng = jax.random.split(state.rng)
-    grads, sums = _accumulated_grads(state.params, batch, step_rng, model_cfg, microbatches, z_loss)
+    grads, sums = _accumulated_grads(state.params, batch, step_rng, model_cfg, microbatches, z_loss, layer_runner)
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = sums["loss_sum"] / tokens
@@ -116,12 +117,16 @@ train_step = jax.jit(_train_step, static_argnames=("model_cfg", "microbatches", 
 
 
 def sharded_train_step(state: TrainState, batch_sharding: jax.sharding.Sharding, *, model_cfg: ModelConfig,
-                       microbatches: int = 1, z_loss: float = 0.0):
+                       microbatches: int = 1, z_loss: float = 0.0, layer_runner=None):
     """`train_step` compiled to keep the state exactly where it is (e.g. ZeRO-1 parameters
-    stay unsplit even though their updates come from a split optimizer state)."""
+    stay unsplit even though their updates come from a split optimizer state).
+
+    `layer_runner` replaces the model's layer scan, e.g. with a pipeline schedule
+    (`llm_jax.parallel.pipeline`)."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
-    step = functools.partial(_train_step, model_cfg=model_cfg, microbatches=microbatches, z_loss=z_loss)
+    step = functools.partial(_train_step, model_cfg=model_cfg, microbatches=microbatches, z_loss=z_loss,
+                             layer_runner=layer_runner)
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                    donate_argnums=0)
 
