@@ -39,8 +39,10 @@ def _load(args):
 
 def cmd_train(args) -> int:
     """Train an experiment in its run directory (resuming from its newest checkpoint)."""
+    from llm_jax.parallel.distributed import initialize_from_env
     from llm_jax.training.loop import TrainingDiverged, train
 
+    initialize_from_env()  # a no-op unless SLURM, a TPU pod or LLM_JAX_COORDINATOR says otherwise
     cfg = _load(args)
     try:
         train(cfg)

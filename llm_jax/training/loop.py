@@ -20,6 +20,7 @@ from typing import Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from llm_jax.config import ConfigError, ExperimentConfig, to_dict
@@ -142,11 +143,14 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
              f"documents; {cfg.data.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids")
     val_batches, val_bytes = validation_batches(corpus.validation, n_batches=cfg.train.eval_steps,
                                                 vocab_size=cfg.model.vocab_size, **pipeline)
+    if jax.process_count() > 1:  # each process scores its own rows; bits per byte needs all their bytes
+        val_bytes = int(multihost_utils.process_allgather(np.asarray(val_bytes)).sum())
     if cfg.train.eval_steps and not val_batches:
         raise ValueError(f"the validation split ({len(corpus.validation)} documents) is too short for one batch "
                          f"of {run.local_batch} x {cfg.data.seq_len} tokens; raise data.validation_fraction")
 
     shardings = param_shardings(cfg.model, run.mesh)
+    peak = measured_peak_flops()  # outside the mesh context: it runs on this process's devices alone
     with sharding_context(run.mesh):
         state = init_sharded_train_state(cfg.model, cfg.optim, cfg.train.steps, jax.random.key(cfg.train.seed),
                                          run.mesh, shardings, shard_params=cfg.mesh.shard_params)
@@ -157,7 +161,7 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
             print_fn(f"resumed from step {resumed_from} in {run_dir}")
         writer = MetricsWriter(run_dir, tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=to_dict(cfg))
         try:
-            state, summary = _loop(run, state, train_iter, val_batches, val_bytes, checkpointer, writer)
+            state, summary = _loop(run, state, train_iter, val_batches, val_bytes, checkpointer, writer, peak)
             checkpointer.wait()
             sample = _sample(run, state.params, tokenizer) if cfg.train.sample_tokens else None
         finally:
@@ -168,11 +172,10 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     return result
 
 
-def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, writer):
+def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, writer, peak: float):
     """Step until `train.steps`, logging, evaluating and checkpointing on schedule."""
     cfg, tc = run.cfg, run.cfg.train
     step = int(state.step)
-    peak = measured_peak_flops()
     bar = tqdm(total=tc.steps, initial=step, disable=None if tc.progress_bar else True, unit="step",
                dynamic_ncols=True, leave=False)
     step_fn = sharded_train_step(state, run.batch_sharding, model_cfg=cfg.model, microbatches=tc.microbatches,

@@ -102,8 +102,9 @@ def measured_peak_flops(dtype=jnp.float32, size: int = 2048, repeats: int = 5) -
     if key not in _PEAK_CACHE:
         mesh = jax.sharding.Mesh(np.array(devices), ("d",))
         rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
-        x = jax.device_put(jnp.ones((len(devices) * size // 4, size), dtype), rows)
-        w = jax.device_put(jnp.ones((size, size), dtype), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        # Host (numpy) inputs: under a global mesh context jnp would place them on every process's devices.
+        x = jax.device_put(np.ones((len(devices) * size // 4, size), dtype), rows)
+        w = jax.device_put(np.ones((size, size), dtype), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
         matmul = jax.jit(lambda a, b: a @ b)
         matmul(x, w).block_until_ready()
         start = time.perf_counter()
