@@ -3,6 +3,7 @@
     llm-jax train    [--experiment NAME] [key=value ...]   train (the main job; resumes a run)
     llm-jax generate --checkpoint RUN_DIR --prompt TEXT      complete a prompt, streaming
     llm-jax evaluate --checkpoint RUN_DIR [--quantize ...]   validation perplexity (and after quantization)
+    llm-jax convert  --from-hf HF_DIR --out RUN_DIR | --to-hf RUN_DIR --out HF_DIR
     llm-jax forward  [--experiment NAME] [key=value ...]   one forward pass of a model
     llm-jax params   [--experiment NAME] [key=value ...]   parameter shapes, axes, counts
     llm-jax config   [--experiment NAME] [key=value ...]   the resolved config as JSON
@@ -118,6 +119,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Import a Hugging Face checkpoint as a run directory, or export one (safetensors)."""
+    from llm_jax.interop import main_convert
+
+    return main_convert(args)
+
+
 def cmd_forward(args) -> int:
     """Initialise the experiment's model and run one forward pass on random tokens."""
     import jax
@@ -225,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_args(p)
     p.set_defaults(func=cmd_config)
 
+    from llm_jax.interop.cli import add_convert_args  # argparse only: no JAX, no hf extra
+
+    p = sub.add_parser("convert", help="Hugging Face checkpoints <-> llm_jax run directories (safetensors)")
+    add_convert_args(p)
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("experiments", help="list available experiments")
     p.set_defaults(func=cmd_experiments)
     return parser
@@ -237,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"llm-jax: config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"llm-jax: error: {e}", file=sys.stderr)
         return 2
 

@@ -295,6 +295,10 @@ class TrainConfig:
     # At the end of a run: a completion of this prompt (with the `decode` settings).
     sample_prompt: str = "def fibonacci(n):\n"
     sample_tokens: int = 64
+    # A run directory (a previous run, or a Hugging Face checkpoint converted with
+    # `llm-jax convert`) whose newest parameters start this run, with a fresh optimizer;
+    # its model config and tokenizer replace this experiment's.
+    init_from: Optional[str] = None
     tensorboard: bool = True
     wandb: bool = False  # only if wandb is installed
     progress_bar: bool = True

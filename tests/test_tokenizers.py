@@ -236,7 +236,7 @@ def test_load_errors(tmp_path, sentencepiece):
         load_tokenizer(tmp_path / "nowhere")
     meta = tmp_path / "tokenizer.json"
     meta.write_text('{"kind": "wordpiece"}')
-    with pytest.raises(ValueError, match=r"unknown tokenizer kind 'wordpiece'.*\('sentencepiece', 'char'\)"):
+    with pytest.raises(ValueError, match=r"unknown tokenizer kind 'wordpiece'.*\('sentencepiece', 'char', 'hf'\)"):
         load_tokenizer(tmp_path)
     meta.write_text("{not json")
     with pytest.raises(ValueError, match="tokenizer.json is not valid JSON"):

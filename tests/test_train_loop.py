@@ -175,3 +175,24 @@ def test_metrics_file_is_json_lines(corpus_file, tmp_path):
           print_fn=lambda _: None)
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         assert isinstance(json.loads(line)["step"], int)
+
+
+def test_init_from_starts_with_another_runs_weights_and_model(corpus_file, tmp_path):
+    base_dir = tmp_path / "base"
+    base = train(_config(corpus_file, base_dir, **{"train.steps": 30, "train.sample_tokens": 0}),
+                 print_fn=lambda _: None)
+    lines = []
+    # A different model in the experiment: the base run's model and tokenizer win.
+    cfg = _config(corpus_file, tmp_path / "tuned", **{"train.steps": 2, "train.sample_tokens": 0, "optim.warmup_steps": 1,
+                                                       "model.d_model": 32, "train.init_from": str(base_dir)})
+    tuned = train(cfg, print_fn=lines.append)
+    assert any("using the model config of" in line for line in lines)
+    assert any("starting from the parameters of" in line for line in lines)
+    first = _losses(tmp_path / "tuned")[1]
+    fresh_first = _losses(base_dir)[1]
+    assert first < 0.8 * fresh_first  # it starts where the base run ended, not from scratch
+    assert abs(first - base.train_loss) < 0.5
+    assert tuned.step == 2
+    with pytest.raises(FileNotFoundError, match="no checkpoints/ folder"):
+        train(override(cfg, [f"train.init_from={tmp_path / 'nowhere'}", f"train.run_dir={tmp_path / 'x'}"]),
+              print_fn=lambda _: None)

@@ -34,7 +34,8 @@ import sentencepiece as spm
 
 META_FILE = "tokenizer.json"
 SENTENCEPIECE_MODEL_FILE = "tokenizer.model"
-KINDS = ("sentencepiece", "char")
+KINDS = ("sentencepiece", "char")  # trainable here
+LOADABLE_KINDS = KINDS + ("hf",)  # "hf": imported from Hugging Face (llm_jax.interop)
 MODEL_TYPES = ("bpe", "unigram")
 REPLACEMENT = "\ufffd"  # what unknown and foreign ids decode to
 
@@ -334,4 +335,8 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     if kind == "sentencepiece":
         model = meta_path.parent / meta.get("model", SENTENCEPIECE_MODEL_FILE)
         return _check_ids(SentencePieceTokenizer.load(model), meta, meta_path)
-    raise ValueError(f"{meta_path} names an unknown tokenizer kind {kind!r}; known kinds: {KINDS}")
+    if kind == "hf":  # needs the hf extra
+        from llm_jax.interop.tokenizer import HFTokenizer
+
+        return HFTokenizer.load(meta_path.parent)
+    raise ValueError(f"{meta_path} names an unknown tokenizer kind {kind!r}; known kinds: {LOADABLE_KINDS}")

@@ -174,7 +174,8 @@ def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mes
         step = steps[-1] if step is None else step
         config = checkpointer.saved_config(step)
 
-        abstract_params = nn.unbox(param_shapes(config.model))
+        with nn.logical_axis_rules(()):  # unboxing under a mesh's rules would add sharding constraints
+            abstract_params = nn.unbox(param_shapes(config.model))
         if mesh is None:
             shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract_params)
         else:

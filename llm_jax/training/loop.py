@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import pathlib
+import shutil
 import time
 from typing import Callable
 
@@ -30,7 +31,7 @@ from llm_jax.evaluation.perplexity import evaluate_perplexity, validation_batche
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.pipeline import pipeline_runner
 from llm_jax.parallel.rules import param_shardings, sharding_context
-from llm_jax.training.checkpoint import Checkpointer
+from llm_jax.training.checkpoint import Checkpointer, load_trained_model
 from llm_jax.training.metrics import MetricsWriter, flops_per_token, format_duration, measured_peak_flops
 from llm_jax.training.optimizer import learning_rate_schedule
 from llm_jax.training.step import init_sharded_train_state, sharded_train_step
@@ -86,6 +87,27 @@ def _check_resumable(saved: ExperimentConfig | None, cfg: ExperimentConfig, run_
                               f"use a new train.run_dir or restore the old settings")
 
 
+def _adopt_base_model(cfg: ExperimentConfig, base_dir: pathlib.Path, run_dir: pathlib.Path, print_fn):
+    """Take the model config and tokenizer of the run directory whose weights start this run."""
+    if not (base_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"train.init_from={base_dir} is not a run directory: it has no checkpoints/ folder")
+    base = Checkpointer(base_dir / "checkpoints", async_save=False)
+    try:
+        if not base.steps():
+            raise FileNotFoundError(f"train.init_from={base_dir} holds no complete checkpoint")
+        base_cfg = base.saved_config()
+    finally:
+        base.close()
+    if base_cfg.model != cfg.model:
+        print_fn(f"train.init_from: using the model config of {base_dir} ({base_cfg.model.n_layers} layers, "
+                 f"d_model {base_cfg.model.d_model}, vocabulary {base_cfg.model.vocab_size})")
+        cfg = dataclasses.replace(cfg, model=base_cfg.model)
+    tokenizer_dir = run_dir / "tokenizer"
+    if (base_dir / "tokenizer").is_dir() and not tokenizer_dir.exists() and jax.process_index() == 0:
+        shutil.copytree(base_dir / "tokenizer", tokenizer_dir)
+    return cfg
+
+
 def _tokenizer(cfg: ExperimentConfig, corpus, run_dir: pathlib.Path) -> Tokenizer:
     """The run's tokenizer: the one saved in the run directory, else a new one saved there."""
     saved = run_dir / "tokenizer"
@@ -131,7 +153,10 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     run_dir = pathlib.Path(run_dir or cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
-    _check_resumable(checkpointer.saved_config() if checkpointer.steps() else None, cfg, run_dir)
+    resuming = bool(checkpointer.steps())
+    if cfg.train.init_from:
+        cfg = _adopt_base_model(cfg, pathlib.Path(cfg.train.init_from), run_dir, print_fn)
+    _check_resumable(checkpointer.saved_config() if resuming else None, cfg, run_dir)
     run = _Run(cfg, run_dir, print_fn)
 
     corpus = open_corpus(cfg.data)
@@ -155,6 +180,10 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
         state = init_sharded_train_state(cfg.model, cfg.optim, cfg.train.steps, jax.random.key(cfg.train.seed),
                                          run.mesh, shardings, shard_params=cfg.mesh.shard_params)
         restored = checkpointer.restore_latest(state, train_iter)
+        if restored is None and cfg.train.init_from:
+            _, base, step = load_trained_model(cfg.train.init_from, mesh=run.mesh)
+            state = state.replace(params=jax.device_put(base, jax.tree.map(lambda x: x.sharding, state.params)))
+            print_fn(f"starting from the parameters of {cfg.train.init_from} (step {step}), fresh optimizer state")
         resumed_from = None
         if restored is not None:
             state, resumed_from = restored, int(restored.step)
