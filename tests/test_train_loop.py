@@ -196,3 +196,22 @@ def test_init_from_starts_with_another_runs_weights_and_model(corpus_file, tmp_p
     with pytest.raises(FileNotFoundError, match="no checkpoints/ folder"):
         train(override(cfg, [f"train.init_from={tmp_path / 'nowhere'}", f"train.run_dir={tmp_path / 'x'}"]),
               print_fn=lambda _: None)
+
+
+def test_checkpointer_keeps_the_newest_and_the_best(tmp_path):
+    import grain
+    import jax
+
+    from llm_jax.config import ExperimentConfig
+    from llm_jax.training import init_train_state
+
+    cfg = ExperimentConfig()
+    state = init_train_state(cfg.model, cfg.optim, 1000, jax.random.key(0))
+    iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    losses = {1: 5.0, 2: 1.0, 3: 4.0, 4: 3.0, 5: None, 6: 6.0}
+    for step, loss in losses.items():
+        checkpointer.save(state.replace(step=state.step * 0 + step), iterator, cfg, validation_loss=loss)
+    checkpointer.wait()
+    assert checkpointer.steps() == [2, 5, 6]  # the best validation loss (step 2) and the newest two
+    checkpointer.close()
