@@ -165,7 +165,7 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
                     process_index=jax.process_index(), process_count=jax.process_count())
     train_iter = iter(packed_batches(corpus.train, train=True, seed=cfg.train.seed, **pipeline))
     print_fn(f"corpus {corpus.name}: {len(corpus.train):,} training and {len(corpus.validation):,} validation "
-             f"documents; {cfg.data.tokenizer} tokenizer with {tokenizer.vocab_size:,} ids")
+             f"documents; {type(tokenizer).__name__} with {tokenizer.vocab_size:,} ids")
     val_batches, val_bytes = validation_batches(corpus.validation, n_batches=cfg.train.eval_steps,
                                                 vocab_size=cfg.model.vocab_size, **pipeline)
     if jax.process_count() > 1:  # each process scores its own rows; bits per byte needs all their bytes
