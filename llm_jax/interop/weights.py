@@ -28,7 +28,6 @@ import math
 import pathlib
 import re
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +41,7 @@ except ImportError as e:  # an optional dependency
 from llm_jax.config import ModelConfig
 from llm_jax.interop.families import Family, Rule
 from llm_jax.interop.hf_config import InteropError
-from llm_jax.models import param_shapes
+from llm_jax.models import abstract_params
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -138,8 +137,7 @@ def _nest(flat: dict) -> dict:
 
 def _shapes(cfg: ModelConfig) -> tuple[dict, dict]:
     """Our parameter shapes: (not per layer, one layer), as flat path -> shape."""
-    with nn.logical_axis_rules(()):
-        tree = nn.unbox(param_shapes(dataclasses.replace(cfg, scan_layers=True)))
+    tree = abstract_params(dataclasses.replace(cfg, scan_layers=True))
     tree = dict(tree)
     layer = {p: s.shape[1:] for p, s in _flat(tree.pop("layers")).items()}
     return {p: s.shape for p, s in _flat(tree).items()}, layer
@@ -210,8 +208,7 @@ def _without_leading_axis(sharding):
 def _shardings(cfg: ModelConfig, mesh) -> dict:
     """Flat path -> sharding for every parameter of `cfg` (its own scan layout)."""
     if mesh is None:
-        with nn.logical_axis_rules(()):
-            shapes = nn.unbox(param_shapes(cfg))
+        shapes = abstract_params(cfg)
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         return {p: device for p in _flat(shapes)}
     from llm_jax.parallel.rules import param_shardings
@@ -263,8 +260,7 @@ def load_weights(plan: dict[str, Target], stored: dict[str, Stored], cfg: ModelC
 def check_params(params, cfg: ModelConfig) -> None:
     """The params tree must be exactly the one `cfg` builds (either scan layout)."""
     scanned = "layers" in params
-    with nn.logical_axis_rules(()):
-        want = _flat(nn.unbox(param_shapes(dataclasses.replace(cfg, scan_layers=scanned))))
+    want = _flat(abstract_params(dataclasses.replace(cfg, scan_layers=scanned)))
     have = _flat(params)
     problems = [f"{p}: missing" for p in want.keys() - have.keys()]
     problems += [f"{p}: not a parameter of this config" for p in have.keys() - want.keys()]

@@ -15,6 +15,7 @@ vocab, layers`; activations are constrained on `batch, length, embed` (and `head
 from llm_jax.models.attention import KVCache
 from llm_jax.models.transformer import (
     Transformer,
+    abstract_params,
     count_params,
     init_params,
     param_logical_axes,
@@ -26,6 +27,7 @@ from llm_jax.models.transformer import (
 __all__ = [
     "KVCache",
     "Transformer",
+    "abstract_params",
     "count_params",
     "init_params",
     "param_logical_axes",

@@ -11,6 +11,7 @@ identical results (`unstack_layer_params` converts between the two).
 
 `Transformer.__call__` always returns `(logits_BTV, cache)`: the cache is None unless one
 was passed in, in which case the new tokens' keys and values have been written into it.
+The final normalised hidden states are sown as `intermediates/final_hidden_BTD`.
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ class Transformer(nn.Module):
         x_BTD, kv = self._layers(x_BTD, ctx, kv, deterministic)
 
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
+        # For heads on top of the LM (reward, value) and probing: apply(..., mutable="intermediates").
+        self.sow("intermediates", "final_hidden_BTD", x_BTD)
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
@@ -218,13 +221,23 @@ def param_shapes(cfg: ModelConfig):
         return jax.eval_shape(lambda: model.init(jax.random.key(0), _dummy_tokens(cfg)))["params"]
 
 
+def abstract_params(cfg: ModelConfig):
+    """`param_shapes` without the logical-axis boxes: plain ShapeDtypeStructs.
+
+    Unboxed outside any mesh's rules, so it works inside `sharding_context` too (unboxing
+    under active rules would add sharding constraints to the abstract values).
+    """
+    with nn.logical_axis_rules(()):
+        return nn.unbox(param_shapes(cfg))
+
+
 def param_logical_axes(cfg: ModelConfig):
     """A tree, shaped like the params, of `PartitionSpec`s of logical axis names."""
     return nn.get_partition_spec(param_shapes(cfg))
 
 
 def count_params(cfg: ModelConfig) -> int:
-    return sum(x.size for x in jax.tree.leaves(nn.unbox(param_shapes(cfg))))
+    return sum(x.size for x in jax.tree.leaves(abstract_params(cfg)))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 
 from llm_jax.config import ModelConfig
-from llm_jax.models import init_params, param_logical_axes, param_shapes
+from llm_jax.models import abstract_params, init_params, param_logical_axes
 
 DEFAULT_RULES = (
     ("batch", ("data", "fsdp")),
@@ -51,8 +51,7 @@ def _mesh_spec(name: str, logical: jax.sharding.PartitionSpec, shape, mesh, rule
 
 def param_shardings(cfg: ModelConfig, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
     """A NamedSharding for every parameter, shaped like the params."""
-    with nn.logical_axis_rules(()):  # unboxing under active rules would add sharding constraints
-        shapes = nn.unbox(param_shapes(cfg))
+    shapes = abstract_params(cfg)
     logical = param_logical_axes(cfg)
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
 

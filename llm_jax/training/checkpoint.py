@@ -156,9 +156,7 @@ def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mes
     their shardings on `mesh` (heads and MLP split over `tensor`), or onto the first
     device without one.
     """
-    import flax.linen as nn
-
-    from llm_jax.models import param_shapes
+    from llm_jax.models import abstract_params
 
     run_dir = pathlib.Path(run_dir)
     directory = run_dir / "checkpoints"
@@ -174,10 +172,9 @@ def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mes
         step = steps[-1] if step is None else step
         config = checkpointer.saved_config(step)
 
-        with nn.logical_axis_rules(()):  # unboxing under a mesh's rules would add sharding constraints
-            abstract_params = nn.unbox(param_shapes(config.model))
+        abstract = abstract_params(config.model)
         if mesh is None:
-            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract_params)
+            shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), abstract)
         else:
             from llm_jax.parallel.rules import param_shardings
 
@@ -185,9 +182,9 @@ def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mes
         restored = checkpointer.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item={"params": abstract_params},
+                item={"params": abstract},
                 restore_args={"params": jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(dtype=x.dtype, sharding=s),
-                                                     abstract_params, shardings)},
+                                                     abstract, shardings)},
                 partial_restore=True,
             )),
         )
