@@ -1,11 +1,17 @@
 """The `llm-jax` command.
 
+    llm-jax prepare  --input RAW --out DIR [--chain FILE|web|code]   curate a corpus (filters, dedup, scrubbing)
+    llm-jax expand-vocab --checkpoint RUN_DIR --token TEXT ... --out RUN_DIR   add tokens, grow embeddings
     llm-jax train    [--experiment NAME] [key=value ...]   train (the main job; resumes a run)
     llm-jax generate --checkpoint RUN_DIR --prompt TEXT      complete a prompt, streaming
     llm-jax evaluate --checkpoint RUN_DIR [--quantize ...]   validation perplexity (and after quantization)
+    llm-jax serve    --checkpoint RUN_DIR [--port 8000]      OpenAI-compatible HTTP server
     llm-jax convert  --from-hf HF_DIR --out RUN_DIR | --to-hf RUN_DIR --out HF_DIR
+    llm-jax align    --checkpoint RUN_DIR --objective reward|dpo|ppo --data F.jsonl --out RUN_DIR
     llm-jax forward  [--experiment NAME] [key=value ...]   one forward pass of a model
     llm-jax params   [--experiment NAME] [key=value ...]   parameter shapes, axes, counts
+    llm-jax plan     [--experiment NAME] [--device-memory 16GiB] [--compile] [--propose] [key=value ...]
+                                                            per-device memory of a training step
     llm-jax config   [--experiment NAME] [key=value ...]   the resolved config as JSON
     llm-jax experiments                                     list the experiment files
 
@@ -119,11 +125,47 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """Serve a run directory over an OpenAI-compatible HTTP API (continuous batching, paged KV cache)."""
+    from llm_jax.inference.server import serve_main
+
+    return serve_main(args)
+
+
 def cmd_convert(args) -> int:
     """Import a Hugging Face checkpoint as a run directory, or export one (safetensors)."""
     from llm_jax.interop import main_convert
 
     return main_convert(args)
+
+
+def cmd_align(args) -> int:
+    """Align a trained model: a reward model, DPO or PPO (llm_jax/finetune/align_cli.py)."""
+    from llm_jax.finetune.align_cli import main_align
+
+    return main_align(args)
+
+
+def cmd_prepare(args) -> int:
+    """Curate raw text into a tfds corpus for training (llm_jax/data/curation)."""
+    from llm_jax.data.curation.cli import main_prepare
+
+    try:
+        return main_prepare(args)
+    except (FileExistsError, NotADirectoryError) as e:
+        print(f"llm-jax: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_expand_vocab(args) -> int:
+    """Add domain tokens to a run's sentencepiece tokenizer and grow its embeddings to match."""
+    from llm_jax.training.vocab_expansion import main_expand_vocab
+
+    try:
+        return main_expand_vocab(args)
+    except FileExistsError as e:
+        print(f"llm-jax: error: {e}", file=sys.stderr)
+        return 2
 
 
 def cmd_forward(args) -> int:
@@ -177,6 +219,52 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Per-device memory of a training step: estimated, compiled ahead of time, and settings that fit."""
+    import os
+
+    if args.compile and args.devices and "jax" not in sys.modules:
+        # Simulated CPU devices for an ahead-of-time compile (only the host platform reads this).
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} " \
+                                  f"--xla_force_host_platform_device_count={args.devices}".strip()
+    import jax
+
+    from llm_jax.parallel import planner
+
+    cfg = _load(args)
+    device_bytes = planner.parse_bytes(args.device_memory) if args.device_memory else planner.local_device_memory()
+    compiled = None
+    if args.compile or args.topology:
+        devices = planner.topology_devices(args.topology) if args.topology else jax.devices()
+        if args.devices and not args.topology:
+            if len(devices) < args.devices:
+                raise ValueError(f"--devices {args.devices}: only {len(devices)} {jax.default_backend()} devices "
+                                 f"here; on CPU start with XLA_FLAGS=--xla_force_host_platform_device_count="
+                                 f"{args.devices}")
+            devices = devices[:args.devices]
+        try:
+            compiled = planner.CompiledMemory.of(planner.compile_train_step(cfg, devices))
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            print(f"{cfg.name}: does NOT fit: the compiler ran out of device memory:\n{e}")
+            return 1
+        n_devices = len(devices)
+    else:
+        n_devices = args.devices or jax.device_count()
+    report, fits = planner.plan_report(cfg, n_devices, device_bytes, compiled)
+    print(report)
+    if args.propose or not fits:
+        if not device_bytes:
+            raise ValueError("--propose needs --device-memory (this backend does not report its memory size)")
+        proposals = planner.propose(cfg, n_devices, device_bytes)
+        print(f"\nsettings that fit {planner.format_bytes(device_bytes)} per device (estimated), cheapest first:"
+              if proposals else "\nno mesh, remat policy or microbatch count fits; add devices or shrink the model")
+        for p in proposals:
+            print(f"  {planner.format_bytes(p.estimate.device_total):>11s}  {' '.join(p.overrides())}")
+    return 0 if fits else 1
+
+
 def cmd_config(args) -> int:
     print(to_json(_load(args)))
     return 0
@@ -194,6 +282,21 @@ def cmd_experiments(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-jax", description="Train and serve LLMs with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    from llm_jax.data.curation.cli import add_prepare_args  # argparse only
+
+    p = sub.add_parser("prepare", help="curate raw text (quality, dedup, decontamination, privacy, toxicity) "
+                                       "into a corpus that train reads")
+    add_prepare_args(p)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("expand-vocab", help="add tokens to a run's sentencepiece model; grow its embeddings")
+    p.add_argument("--checkpoint", required=True, help="a run directory with a sentencepiece tokenizer/")
+    p.add_argument("--out", required=True, help="the new run directory")
+    p.add_argument("--token", action="append", default=[], help="a token to add (repeat)")
+    p.add_argument("--tokens-file", default=None, help="a file of tokens to add, one per line")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.set_defaults(func=cmd_expand_vocab)
 
     p = sub.add_parser("train", help="train an experiment (the main job); resumes from the run directory")
     _add_experiment_args(p, default=MAIN_EXPERIMENT)
@@ -219,6 +322,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("serve", help="serve a checkpoint over an OpenAI-compatible HTTP API")
+    p.add_argument("--checkpoint", required=True, help="a run directory (trained or converted)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the run dir's name)")
+    p.add_argument("--chat-template", default=None, help="a Jinja chat template file (default: the checkpoint's, "
+                   "else 'role: content' lines)")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoding at once")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV-cache page")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="KV-cache pool size in pages (default: max-batch full-length sequences)")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per row per step (chunked prefill)")
+    p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before answering 429")
+    p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context - 1")
+    p.add_argument("--max-tokens", type=int, default=None, help="the largest max_tokens a request may ask for")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("forward", help="one forward pass of an experiment's model")
     _add_experiment_args(p)
     p.add_argument("--batch", type=int, default=2)
@@ -229,6 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_args(p)
     p.set_defaults(func=cmd_params)
 
+    p = sub.add_parser("plan", help="per-device memory of a training step; what fits a device memory")
+    _add_experiment_args(p)
+    p.add_argument("--device-memory", default=None, help="memory per device, e.g. 16GiB or 80GB "
+                   "(default: what the local device reports, if it does)")
+    p.add_argument("--devices", type=int, default=None, help="devices to plan for (default: the local ones)")
+    p.add_argument("--compile", action="store_true", help="also compile the step ahead of time on that many "
+                   "devices (simulated CPU devices here) and compare with the compiler's memory analysis")
+    p.add_argument("--topology", default=None, help="compile for a TPU topology, e.g. v5e:4x4 (needs libtpu)")
+    p.add_argument("--propose", action="store_true", help="list mesh / remat / microbatch settings that fit")
+    p.set_defaults(func=cmd_plan)
+
     p = sub.add_parser("config", help="print the resolved config as JSON")
     _add_experiment_args(p)
     p.set_defaults(func=cmd_config)
@@ -238,6 +372,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="Hugging Face checkpoints <-> llm_jax run directories (safetensors)")
     add_convert_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("align", help="reward model, DPO or PPO from a run directory (preference JSONL)")
+    p.add_argument("--checkpoint", required=True, help="the starting run directory (policy / reward model trunk)")
+    p.add_argument("--objective", required=True, choices=("reward", "dpo", "ppo"))
+    p.add_argument("--data", required=True, help="JSONL: prompt, chosen, rejected per line (ppo: prompt)")
+    p.add_argument("--out", required=True, help="new run directory for the aligned model")
+    p.add_argument("--reward-model", default=None, help="ppo: a run directory written by --objective reward")
+    p.add_argument("--reward-fn", default=None, help="ppo: module:function or file.py:function (prompt, response) -> float")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="the objective's config, e.g. steps=200 beta=0.1 optim.lr=1e-6 (llm_jax/finetune/align_config.py)")
+    p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("experiments", help="list available experiments")
     p.set_defaults(func=cmd_experiments)

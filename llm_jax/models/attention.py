@@ -22,7 +22,9 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.models import positions as pos_lib
+from llm_jax.models import peft as peft_lib
 from llm_jax.models.layers import compute_dtype, dense
+from llm_jax.models.paged import PagedWrite, paged_update
 
 # A large negative logit instead of -inf: a fully masked row (padding) softmaxes to a
 # uniform distribution rather than NaN, and its output is never read.
@@ -93,7 +95,7 @@ class AttentionContext:
     q_pos: jax.Array  # [B, T] positions of the queries (RoPE angles)
     mask: jax.Array  # [B, 1, T, S] bool
     bias: jax.Array | None  # [B, N, T, S] f32 (ALiBi / relative buckets) or None
-    write_at: jax.Array | None  # [B] cache slot of the first new token, None without cache
+    write_at: jax.Array | None  # [B] cache slot of the first new token (a PagedWrite for a paged cache), None without cache
 
 
 def attention_mask(
@@ -185,6 +187,8 @@ def quantize_int8(x_BTKH):
 
 def _update_cache(kv, k_BTKH, v_BTKH, write_at, dtype):
     """Write the new keys/values into this layer's cache entry; return (k, v) to attend and the entry."""
+    if isinstance(write_at, PagedWrite):  # a page pool read through page tables (models/paged.py)
+        return paged_update(kv, k_BTKH, v_BTKH, write_at, dtype)
     if len(kv) == 2:
         k_cache = _write(kv[0], k_BTKH.astype(kv[0].dtype), write_at)
         v_cache = _write(kv[1], v_BTKH.astype(kv[1].dtype), write_at)
@@ -217,6 +221,8 @@ class Attention(nn.Module):
         q_BTNH = dense(cfg, (N, H), ("embed", "heads", "head_dim"), bias=qkv_bias, name="query")(x_BTD)
         k_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="key")(x_BTD)
         v_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="value")(x_BTD)
+        # Prompt tuning: soft-prompt rows lead x; they attend among themselves, never enter the cache.
+        q_BTNH, k_BTKH, v_BTKH, prompt = peft_lib.split_prompt(cfg, q_BTNH, k_BTKH, v_BTKH)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))
         if cfg.position == "rope":
             inv_freq = pos_lib.rope_inverse_frequencies(cfg)
@@ -235,6 +241,8 @@ class Attention(nn.Module):
             if cfg.attention_dropout > 0 and not self.deterministic:
                 drop = nn.Dropout(cfg.attention_dropout, deterministic=False)
             out_BTNH = _attend_einsum(q_BTNH, k_BSKH, v_BSKH, ctx.mask, ctx.bias, drop)
+        if peft_lib.attends_prefix(cfg):  # prefix / prompt tuning: + gate * attention over the prefix
+            out_BTNH = peft_lib.PrefixAttention(cfg, name="prefix")(q_BTNH, out_BTNH, prompt)
         out_BTNH = nn.with_logical_constraint(out_BTNH, ("batch", "length", "heads", "head_dim"))
         out_BTD = dense(cfg, cfg.d_model, ("heads", "head_dim", "embed"), n_in=2, std=self.out_std, name="out")(
             out_BTNH

@@ -33,13 +33,19 @@ from llm_jax.models.attention import (
     RelativePositionBias,
     attention_mask,
 )
+from llm_jax.models import peft as peft_lib
 from llm_jax.models.layers import MLP, Norm, compute_dtype, dense, param_dtype
+from llm_jax.models.paged import PagedKVCache
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
     "save_dots": jax.checkpoint_policies.dots_saveable,
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attention_mlp_out": jax.checkpoint_policies.save_only_these_names("attention_out", "mlp_out"),
+    # The same two tensors, parked in pinned host memory between forward and backward.
+    "offload_attention_mlp_out": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=("attention_out", "mlp_out"),
+        offload_src="device", offload_dst="pinned_host"),
 }
 
 
@@ -54,14 +60,22 @@ class Block(nn.Module):
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
         h_BTD = Norm(cfg, name="attention_norm")(x_BTD)
+        # PEFT bottleneck adapters (model.peft.method=adapter) on both sublayer outputs.
+        adapt = peft_lib.Adapter if cfg.peft.method == "adapter" else None
         attn_BTD, kv = Attention(cfg, out_std, self.deterministic, name="attention")(h_BTD, ctx, kv)
+        if adapt:
+            attn_BTD = adapt(cfg, name="adapter_attention")(attn_BTD)
         attn_BTD = checkpoint_name(attn_BTD, "attention_out")
         if cfg.parallel_block:
             mlp_BTD = MLP(cfg, out_std, name="mlp")(h_BTD)
+            if adapt:
+                mlp_BTD = adapt(cfg, name="adapter_mlp")(mlp_BTD)
             x_BTD = x_BTD + drop(attn_BTD) + drop(checkpoint_name(mlp_BTD, "mlp_out"))
         else:
             x_BTD = x_BTD + drop(attn_BTD)
             mlp_BTD = MLP(cfg, out_std, name="mlp")(Norm(cfg, name="mlp_norm")(x_BTD))
+            if adapt:
+                mlp_BTD = adapt(cfg, name="adapter_mlp")(mlp_BTD)
             x_BTD = x_BTD + drop(checkpoint_name(mlp_BTD, "mlp_out"))
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
         return x_BTD, kv
@@ -115,10 +129,15 @@ class Transformer(nn.Module):
         elif cfg.position == "sinusoidal":
             x_BTD = x_BTD + pos_lib.sinusoidal(ctx.q_pos, cfg.d_model).astype(x_BTD.dtype)
         x_BTD = nn.Dropout(cfg.dropout, deterministic=deterministic)(x_BTD)
+        n_prompt = peft_lib.prompt_rows(cfg)
+        if n_prompt:  # prompt tuning / P-tuning: soft-prompt rows ahead of the tokens (models/peft.py)
+            x_BTD = peft_lib.SoftPrompt(cfg, name="soft_prompt")(x_BTD)
         x_BTD = nn.with_logical_constraint(x_BTD, ("batch", "length", "embed"))
 
         kv = None if cache is None else cache.layer_entries()
         x_BTD, kv = self._layers(x_BTD, ctx, kv, deterministic)
+        if n_prompt:
+            x_BTD = x_BTD[:, n_prompt:]
 
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
         # For heads on top of the LM (reward, value) and probing: apply(..., mutable="intermediates").
@@ -157,6 +176,8 @@ class Transformer(nn.Module):
                 cache.prefix, q_prefix, write_at
             )
             mask = attention_mask(cfg, q_pos, k_pos, q_prefix, new_prefix)
+            if isinstance(cache, PagedKVCache):  # keys and values live in pool pages, not cache rows
+                write_at = cache.write_plan(q_pos)
 
         bias = None
         if cfg.position == "alibi":

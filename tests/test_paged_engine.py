@@ -1,0 +1,187 @@
+"""The paged KV cache, the page pool and the continuous-batching engine."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llm_jax.config import ModelConfig
+from llm_jax.inference import generate
+from llm_jax.inference.engine import Engine, EngineConfig, RequestError
+from llm_jax.inference.paged_cache import PagePool, page_keys
+from llm_jax.models import KVCache, Transformer, init_params
+from llm_jax.models.paged import PagedKVCache
+
+# A large init makes the random model's choices depend on the context (see test_generate.py).
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+                  init_std=0.5, dtype="float32")
+# One engine shape for every test (one compile of each step). 14 pages of 4 tokens are too
+# few for four requests of up to 40 tokens at once: the pool runs out and preempts.
+ENGINE = EngineConfig(max_batch=4, page_size=4, num_pages=15, prefill_chunk=8, prefill_rows=2)
+RNG = np.random.default_rng(0)
+PROMPTS = [RNG.integers(0, 64, n).tolist() for n in (3, 20, 9, 1, 12)]  # two prompt buckets in generate
+SETTINGS = [dict(temperature=0.0), dict(temperature=1.0, top_k=10), dict(temperature=0.8, top_p=0.9,
+            repetition_penalty=1.3), dict(temperature=1.2, min_p=0.05, presence_penalty=0.5), dict(temperature=1.0)]
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def reference(params):
+    """What `generate` gives each prompt alone (batch of one), with its own seed and a stop token."""
+    return [generate(params, CFG, [p], max_new_tokens=20, sampling=s, stop_tokens=[5], seed=i).tokens[0]
+            for i, (p, s) in enumerate(zip(PROMPTS, SETTINGS))]
+
+
+def _run(params, config, **submit):
+    engine = Engine(params, CFG, config)
+    requests = [engine.submit(p, max_tokens=20, sampling=s, stop_sequences=[[5]], seed=i, **submit)
+                for i, (p, s) in enumerate(zip(PROMPTS, SETTINGS))]
+    engine.run_until_idle()
+    return engine, requests
+
+
+@jax.jit
+def _apply(params, tokens_BT, cache):
+    return Transformer(CFG).apply({"params": params}, tokens_BT, cache=cache)
+
+
+def _decode_step_by_step(params, cache, tokens_BT, first):
+    """Prefill `first` tokens, then feed the rest one at a time; all logits [B, T, V]."""
+    logits, cache = _apply(params, tokens_BT[:, :first], cache)
+    out = [logits]
+    for t in range(first, tokens_BT.shape[1]):
+        logits, cache = _apply(params, tokens_BT[:, t : t + 1], cache)
+        out.append(logits)
+    return jnp.concatenate(out, axis=1)
+
+
+def test_paged_decoding_equals_the_dense_cache_and_the_full_forward(params):
+    tokens = jax.random.randint(jax.random.key(1), (2, 13), 0, CFG.vocab_size)
+    full, _ = Transformer(CFG).apply({"params": params}, tokens)
+    dense = _decode_step_by_step(params, KVCache.init(CFG, 2, CFG.max_seq_len), tokens, first=7)
+    # Scattered, interleaved pages: row 0 and row 1 take pages from all over the pool.
+    k, v = PagedKVCache.init_pool(CFG, num_pages=32, page_size=4)
+    pages = np.random.default_rng(0).permutation(np.arange(1, 32))
+    table = np.zeros((2, 16), np.int32)
+    table[0, :4], table[1, :4] = pages[:4], pages[4:8]
+    cache = PagedKVCache(k=k, v=v, page_table=jnp.asarray(table), end=jnp.zeros(2, jnp.int32))
+    paged = _decode_step_by_step(params, cache, tokens, first=7)
+    np.testing.assert_allclose(paged, dense, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(paged, full, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_cache_refuses_non_causal_models():
+    with pytest.raises(ValueError, match="mask='prefix'"):
+        PagedKVCache.init_pool(dataclasses.replace(CFG, mask="prefix"), 8, 4)
+
+
+def test_page_pool_reference_counts_prefix_cache_and_eviction():
+    pool = PagePool(num_pages=4, page_size=2)  # pages 1..3
+    a, b = pool.allocate(), pool.allocate()
+    keys = page_keys([1, 2, 3, 4, 5], 2)
+    assert len(keys) == 2 and page_keys([1, 2, 9, 9], 2)[0] == keys[0] and page_keys([1, 2, 9, 9], 2)[1] != keys[1]
+    pool.register(a, keys[0])
+    pool.register(b, keys[1])
+    assert pool.lookup(keys) == [a, b]  # shared: ref count 2
+    pool.release([a, b])
+    assert pool.in_use() == 2 and pool.available() == 1
+    pool.release([a, b])
+    assert pool.in_use() == 0 and pool.available() == 3  # cached pages count as available
+    c = pool.allocate()
+    assert c not in (a, b)  # the free page goes first
+    d = pool.allocate()
+    assert d == a and pool.lookup(keys) == []  # then the least recently used cached page is evicted
+    assert pool.allocate() == b and pool.allocate() is None
+    with pytest.raises(RuntimeError, match="released more often"):
+        pool.release([c, c])
+
+
+def test_engine_gives_each_request_what_generate_gives_it_alone(params, reference):
+    """Greedy and sampled rows, a stop token, penalties, mixed lengths, chunked prefill, preemption."""
+    engine, requests = _run(params, ENGINE)
+    assert [r.output for r in requests] == reference
+    assert {r.finish_reason for r in requests} == {"stop", "length"}
+    assert engine.stats["preemptions"] > 0  # ... and the preempted requests resumed exactly
+    assert requests[0].preemptions == 0  # the oldest request is never the one preempted
+    snap = engine.snapshot()
+    assert snap["pages_in_use"] == 0 and snap["running"] == 0 and snap["waiting"] == 0
+    assert snap["pages_available"] == ENGINE.num_pages - 1  # every page came back
+
+
+def test_prefix_cache_reuses_the_pages_of_a_shared_prompt(params):
+    shared = RNG.integers(0, 64, 17).tolist()
+    engine = Engine(params, CFG, ENGINE)
+    first = engine.submit(shared + [1], max_tokens=20, sampling=dict(temperature=0.0), stop_sequences=[[5]])
+    engine.run_until_idle()
+    second = engine.submit(shared + [2], max_tokens=20, sampling=dict(temperature=0.0), stop_sequences=[[5]])
+    engine.run_until_idle()
+    assert engine.pool.prefix_hits == 17 // ENGINE.page_size  # four full pages of the common prefix
+    assert engine.stats["prefill_tokens"] == 18 + (18 - 16)  # the second fed only what was not cached
+    for r, last in ((first, 1), (second, 2)):
+        expected = generate(params, CFG, [shared + [last]], max_new_tokens=20, sampling=dict(temperature=0.0),
+                            stop_tokens=[5])
+        assert r.output == expected.tokens[0]
+
+
+def test_chunked_prefill_lets_running_requests_decode_meanwhile(params):
+    engine = Engine(params, CFG, ENGINE)
+    short = engine.submit([1, 2, 3], max_tokens=8, sampling=dict(temperature=0.0))
+    engine.step()  # the short prompt is in, decoding
+    long = engine.submit(RNG.integers(0, 64, 40).tolist(), max_tokens=4, sampling=dict(temperature=0.0))
+    steps_to_prefill = 0
+    while long.n_cached < 40 - 1:
+        before = len(short.output)
+        engine.step()
+        steps_to_prefill += 1
+        assert len(short.output) == before + 1 or short.finish_reason  # never stalled by the long prompt
+    assert steps_to_prefill >= 40 // ENGINE.prefill_chunk
+    engine.run_until_idle()
+    assert len(long.output) == 4
+
+
+def test_streaming_updates_hold_back_a_possible_stop_sequence(params, reference):
+    pieces = []
+    engine = Engine(params, CFG, ENGINE)
+    request = engine.submit(PROMPTS[1], max_tokens=20, sampling=SETTINGS[1], seed=1, stop_sequences=[[5], [9, 9, 9]],
+                            on_update=lambda r, tokens, done: pieces.append((list(tokens), done)))
+    engine.run_until_idle()
+    assert sum((t for t, _ in pieces), []) == request.output
+    assert [done for _, done in pieces][-1] and not any(done for _, done in pieces[:-1])
+
+
+def test_abort_frees_the_pages_of_a_running_request(params):
+    engine = Engine(params, CFG, ENGINE)
+    request = engine.submit(PROMPTS[1], max_tokens=20)
+    for _ in range(6):
+        engine.step()
+    assert engine.pool.in_use() > 0
+    engine.abort(request)
+    engine.step()
+    assert request.finish_reason == "abort" and request.done.is_set() and engine.pool.in_use() == 0
+
+
+@pytest.mark.parametrize("submit, message", [
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=[1, 99]), r"outside \[0, 64\)"),
+    (dict(prompt=[1], max_tokens=0), "max_tokens must be"),
+    (dict(prompt=[1] * 60, max_tokens=10), "context of 64"),
+    (dict(prompt=[1], sampling=dict(top_p=0)), "top_p"),
+    (dict(prompt=[1], sampling=dict(beam=2)), "unknown sampling settings"),
+])
+def test_engine_refuses_bad_requests_with_a_message(params, submit, message):
+    engine = Engine(params, CFG, ENGINE)
+    with pytest.raises(RequestError, match=message):
+        engine.submit(**submit)
+
+
+def test_a_request_larger_than_the_pool_is_refused_not_hung(params):
+    engine = Engine(params, CFG, dataclasses.replace(ENGINE, num_pages=5))
+    with pytest.raises(RequestError, match="can never fit the KV-cache pool of 4 pages x 4 tokens"):
+        engine.submit([1] * 10, max_tokens=10)
+    assert not engine.has_work()
