@@ -24,7 +24,8 @@ PositionKind = Literal["learned", "sinusoidal", "rope", "alibi", "relative", "no
 RopeScaling = Literal["none", "linear", "llama3"]
 NormKind = Literal["layernorm", "rmsnorm"]
 Activation = Literal["gelu", "gelu_exact", "relu", "silu", "swiglu", "geglu"]
-RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention_mlp_out"]
+RematPolicy = Literal["none", "full", "save_dots", "save_dots_no_batch", "save_attention_mlp_out",
+                      "offload_attention_mlp_out"]
 AttentionImpl = Literal["einsum", "dot_product"]
 ComputeDtype = Literal["auto", "float32", "bfloat16"]
 ParamDtype = Literal["float32", "bfloat16"]
@@ -197,6 +198,9 @@ class MeshConfig:
     # False: ZeRO-1, only the optimizer state is split; parameters stay whole on every
     # fsdp device (more memory, no all-gather of the weights in the forward pass).
     shard_params: bool = True
+    # True: the optimizer state lives in pinned host memory between steps and visits the
+    # device only for the update (needs a backend with a `pinned_host` memory kind).
+    offload_optimizer: bool = False
     # With pipeline > 1: "gpipe" runs each microbatch through the stages once; "circular"
     # cuts the stack into pipeline * pipeline_repeats chunks and loops microbatches
     # through the ring pipeline_repeats times, shrinking the bubble by that factor.

@@ -178,7 +178,8 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     peak = measured_peak_flops()  # outside the mesh context: it runs on this process's devices alone
     with sharding_context(run.mesh):
         state = init_sharded_train_state(cfg.model, cfg.optim, cfg.train.steps, jax.random.key(cfg.train.seed),
-                                         run.mesh, shardings, shard_params=cfg.mesh.shard_params)
+                                         run.mesh, shardings, shard_params=cfg.mesh.shard_params,
+                                         offload_optimizer=cfg.mesh.offload_optimizer)
         restored = checkpointer.restore_latest(state, train_iter)
         if restored is None and cfg.train.init_from:
             _, base, step = load_trained_model(cfg.train.init_from, mesh=run.mesh)

@@ -21,6 +21,7 @@ import optax
 
 from llm_jax.config import ModelConfig, OptimConfig
 from llm_jax.models import Transformer, init_params
+from llm_jax.parallel import offload
 from llm_jax.training.losses import cross_entropy_loss
 from llm_jax.training.optimizer import make_optimizer
 
@@ -127,6 +128,7 @@ def sharded_train_step(state: TrainState, batch_sharding: jax.sharding.Sharding,
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     step = functools.partial(_train_step, model_cfg=model_cfg, microbatches=microbatches, z_loss=z_loss,
                              layer_runner=layer_runner)
+    step = offload.optimizer_on_device(step, state_shardings.opt_state)  # no-op unless it lives on the host
     return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
                    donate_argnums=0)
 
@@ -176,10 +178,16 @@ def _without_fsdp(sharding: jax.sharding.NamedSharding) -> jax.sharding.NamedSha
 
 
 def init_sharded_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps: int, rng: jax.Array,
-                             mesh: jax.sharding.Mesh, param_shardings, shard_params: bool = True) -> TrainState:
-    """`init_train_state` compiled with output shardings: no array is ever whole on one device."""
+                             mesh: jax.sharding.Mesh, param_shardings, shard_params: bool = True,
+                             offload_optimizer: bool = False) -> TrainState:
+    """`init_train_state` compiled with output shardings: no array is ever whole on one device.
+
+    `offload_optimizer` puts the optimizer state in pinned host memory (`llm_jax.parallel.offload`)."""
     init = functools.partial(init_train_state, model_cfg, optim_cfg, total_steps)
     abstract = jax.eval_shape(init, rng)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = train_state_shardings(abstract, param_shardings, replicated, shard_params)
+    if offload_optimizer:
+        offload.check_host_offload(mesh.devices.flat)
+        shardings = shardings.replace(opt_state=offload.on_host(shardings.opt_state))
     return jax.jit(init, out_shardings=shardings)(rng)
