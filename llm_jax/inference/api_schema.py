@@ -42,6 +42,7 @@ class _Body(pydantic.BaseModel):
     stream_options: dict | None = None
     n: int = 1
     user: str | None = None
+    ignore_eos: bool = False  # extension (as in vLLM): generate past the end-of-sequence token
 
     def sampling(self) -> dict:
         return dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p,

@@ -291,7 +291,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig = ServerConfig(),
         if in_flight["n"] >= config.max_concurrent:
             raise ApiError(429, f"too many requests in flight (limit {config.max_concurrent}); retry later",
                            code="rate_limit_exceeded")
-        stops = [tokenizer.encode(s) for s in body.stop_strings()] + ([[eos]] if eos is not None else [])
+        stops = [tokenizer.encode(s) for s in body.stop_strings()] + ([[eos]] if eos is not None and not body.ignore_eos else [])
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         try:
             return engine.submit(prompt_ids, max_tokens=max_tokens, sampling=body.sampling(), stop_sequences=stops,
@@ -318,6 +318,9 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig = ServerConfig(),
                         if await http_request.is_disconnected():
                             return
                         continue
+                    while not finished and not session.queue.empty():  # coalesce a backlog into one event
+                        more, finished = session.queue.get_nowait()
+                        tokens = tokens + more
                     yield text.push(tokens, finished), finished
                     if finished:
                         return

@@ -1,0 +1,155 @@
+"""Continuous against static batching: the same engine and model behind the HTTP server.
+
+Loopback only, bounded: a fixed list of requests (mixed prompt and output lengths, seeded)
+is sent by concurrent clients through the official `openai` client, streaming, to a server
+on 127.0.0.1; once with continuous batching (requests join the running batch between
+steps), once with static batching (a batch is admitted only when the previous one has
+finished entirely). Greedy decoding with `ignore_eos`, so both runs must produce the same
+text for every request, which the script checks, along with every request finishing with
+exactly its max_tokens. Prints throughput, time to first token and latency percentiles.
+
+    python benchmarks/serve_continuous_vs_static.py [--requests 64] [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import pathlib
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import openai
+import orbax.checkpoint as ocp
+
+from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, to_dict
+from llm_jax.data.tokenizers import CharTokenizer
+from llm_jax.inference.server import ServerConfig, bind_socket, load_server, start_in_thread
+from llm_jax.models import count_params, init_params
+
+TOKENIZER = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,:\n"))
+MODEL = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=256)
+ENGINE = dict(max_batch=8, page_size=16, prefill_chunk=64, prefill_rows=2)
+TIME_LIMIT_S = 300  # per mode; a run that takes longer is reported as failed
+
+
+def write_run_dir(root: pathlib.Path) -> pathlib.Path:
+    run_dir = root / "bench_model"
+    params = init_params(MODEL, jax.random.key(0))
+    config = ExperimentConfig(name="bench", model=MODEL, data=DataConfig(seq_len=MODEL.max_seq_len),
+                              train=TrainConfig(run_dir=str(run_dir)))
+    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
+        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": 0, "params": params}),
+                                                config=ocp.args.JsonSave(to_dict(config))))
+        manager.wait_until_finished()
+    TOKENIZER.save(run_dir / "tokenizer")
+    return run_dir
+
+
+def workload(n: int, seed: int = 0) -> list[tuple[str, int]]:
+    """(prompt, max_tokens): prompts of 8-96 characters; outputs mostly short, a long tail."""
+    rng = np.random.default_rng(seed)
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyz "))
+    out = []
+    for _ in range(n):
+        prompt = "".join(rng.choice(letters, int(rng.integers(8, 97))))
+        max_tokens = int(rng.choice([8, 16, 32, 64, 128], p=[0.4, 0.25, 0.15, 0.1, 0.1]))
+        out.append((prompt, max_tokens))
+    return out
+
+
+def one_request(client, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first, text, reason = None, [], None
+    stream = client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True})
+    tokens = 0
+    for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if not chunk.choices:
+            continue
+        if chunk.choices[0].text and first is None:
+            first = time.perf_counter()
+        text.append(chunk.choices[0].text)
+        reason = chunk.choices[0].finish_reason or reason
+    end = time.perf_counter()
+    return dict(text="".join(text), reason=reason, tokens=tokens, ttft=(first or end) - start, latency=end - start,
+                max_tokens=max_tokens)
+
+
+def run_clients(url: str, requests, clients: int):
+    """All requests from `clients` concurrent threads; (results in request order, wall seconds)."""
+    client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=TIME_LIMIT_S)
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda r: one_request(client, *r), requests))
+    return results, time.perf_counter() - start
+
+
+def run_mode(run_dir: pathlib.Path, requests, clients: int, static: bool) -> dict:
+    app, engine = load_server(run_dir, engine_options=dict(ENGINE, static_batching=static),
+                              server_config=ServerConfig(model_name="bench", max_concurrent=len(requests)))
+    sock = bind_socket("127.0.0.1", 0)
+    server = start_in_thread(app, sock)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="unused",
+                           max_retries=0, timeout=TIME_LIMIT_S)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    try:
+        one_request(client, "warm up", 4)  # compile outside the timed run
+        # The clients run in another process, so that parsing their streams does not compete
+        # with the server for this process's interpreter lock (spawned: never fork under JAX).
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as process:
+            results, wall = process.submit(run_clients, url, requests, clients).result(timeout=TIME_LIMIT_S)
+    finally:
+        server.should_exit = True
+        server.thread.join(timeout=30)
+    return dict(results=results, wall=wall, preemptions=engine.stats["preemptions"])
+
+
+def summary(name: str, run: dict) -> str:
+    res = run["results"]
+    tokens = sum(r["tokens"] for r in res)
+    ttft = np.array([r["ttft"] for r in res]) * 1e3
+    lat = np.array([r["latency"] for r in res])
+    return (f"{name:12s} {tokens / run['wall']:9.1f} {run['wall']:8.2f} {np.percentile(ttft, 50):9.0f} "
+            f"{np.percentile(ttft, 95):9.0f} {np.percentile(lat, 50):8.2f} {np.percentile(lat, 95):8.2f} "
+            f"{np.percentile(lat, 99):8.2f} {sum(r['reason'] == 'length' and r['tokens'] == r['max_tokens'] for r in res):>5d}/{len(res)}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args(argv)
+    requests = workload(args.requests)
+    print(f"model: {count_params(MODEL):,} params (d_model {MODEL.d_model}, {MODEL.n_layers} layers, context "
+          f"{MODEL.max_seq_len}); engine {ENGINE}; {len(requests)} requests, {args.clients} concurrent clients; "
+          f"prompt chars {min(len(p) for p, _ in requests)}-{max(len(p) for p, _ in requests)}, "
+          f"max_tokens {min(m for _, m in requests)}-{max(m for _, m in requests)}; {jax.devices()[0].platform}")
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = write_run_dir(pathlib.Path(tmp))
+        runs = {name: run_mode(run_dir, requests, args.clients, static) for name, static in
+                (("static", True), ("continuous", False))}
+    print(f"{'batching':12s} {'tok/s':>9s} {'wall s':>8s} {'TTFT p50':>9s} {'TTFT p95':>9s} {'lat p50':>8s} "
+          f"{'lat p95':>8s} {'lat p99':>8s} {'complete':>8s}")
+    print(f"{'':12s} {'':>9s} {'':>8s} {'ms':>9s} {'ms':>9s} {'s':>8s} {'s':>8s} {'s':>8s}")
+    for name, run in runs.items():
+        print(summary(name, run))
+    same = all(a["text"] == b["text"] for a, b in zip(runs["static"]["results"], runs["continuous"]["results"]))
+    complete = all(r["reason"] == "length" and r["tokens"] == r["max_tokens"]
+                   for run in runs.values() for r in run["results"])
+    ratio = (runs["static"]["wall"] / runs["continuous"]["wall"])
+    print(f"continuous / static throughput: {ratio:.2f}x (goal >= 2x); every request complete: {complete}; "
+          f"same text in both modes: {same}; preemptions: {runs['continuous']['preemptions']}")
+    return 0 if complete and same else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
