@@ -6,11 +6,12 @@
 #
 # Assumes the repository is checked out at ~/llm_jax on every worker (e.g. with
 # `gcloud compute tpus tpu-vm ssh ... --worker=all --command "git clone ..."`) and that
-# train.run_dir is a path all workers share (a GCS bucket or an NFS mount).
+# train.run_dir is a path all workers share (a GCS bucket or an NFS mount). `llm-jax train`
+# adds the TPU overlap flags to LIBTPU_INIT_ARGS (llm_jax/parallel/overlap.py).
 set -euo pipefail
 name="${1:?usage: tpu_vm.sh TPU_NAME ZONE [llm-jax train arguments ...]}"
 zone="${2:?usage: tpu_vm.sh TPU_NAME ZONE [llm-jax train arguments ...]}"
 shift 2
 args=$(printf '%q ' "$@")
 gcloud compute tpus tpu-vm ssh "$name" --zone "$zone" --worker=all --command \
-  "cd ~/llm_jax && pip install -q -e . 'jax[tpu]' && LIBTPU_INIT_ARGS='--xla_tpu_enable_latency_hiding_scheduler=true' llm-jax train ${args}"
+  "cd ~/llm_jax && pip install -q -e . 'jax[tpu]' && llm-jax train ${args}"

@@ -47,10 +47,13 @@ def _load(args):
 def cmd_train(args) -> int:
     """Train an experiment in its run directory (resuming from its newest checkpoint)."""
     from llm_jax.parallel.distributed import initialize_from_env
+    from llm_jax.parallel.overlap import set_overlap_flags
     from llm_jax.training.loop import TrainingDiverged, train
 
-    initialize_from_env()  # a no-op unless SLURM, a TPU pod or LLM_JAX_COORDINATOR says otherwise
     cfg = _load(args)
+    # Before JAX starts its backend, which reads them once: see llm_jax/parallel/overlap.py.
+    set_overlap_flags(collective_matmul=cfg.mesh.tensor != 1)
+    initialize_from_env()  # a no-op unless SLURM, a TPU pod or LLM_JAX_COORDINATOR says otherwise
     try:
         train(cfg)
     except TrainingDiverged as e:
