@@ -169,6 +169,34 @@ def prepare_text_corpus(
     return _read_prepared(name, version_dir)
 
 
+def write_documents_corpus(documents: Sequence[str], data_dir: str | os.PathLike, name: str, *,
+                           validation_fraction: float = 0.05, config: str = "curated",
+                           stats: CorpusStats | None = None) -> Corpus:
+    """Documents already cut and cleaned (llm_jax.data.curation) as a tfds corpus, hash split.
+
+    Written to data_dir/<name>/<config>/<version>, which `load_tfds_corpus(name, data_dir)`
+    (`data.source=tfds data.tfds_name=NAME data.data_dir=DATA_DIR`) reads. If the hash split
+    leaves validation empty (a handful of documents), the last document validates.
+    """
+    _check_settings("hash", validation_fraction, 1)
+    name = _corpus_name(name, [])
+    version_dir = pathlib.Path(data_dir).expanduser() / name / config / _VERSION
+    if version_dir.exists():
+        raise FileExistsError(f"{version_dir} already exists: write into a new data_dir or delete it")
+    if len(documents) < 2:
+        raise ValueError(f"a corpus needs at least 2 documents (train and validation), got {len(documents)}")
+    train, validation = _hash_split(list(documents), validation_fraction)
+    if not validation:
+        train, validation = train[:-1], train[-1:]
+    if not train:
+        train, validation = validation[:-1], validation[-1:]
+    stats = stats or CorpusStats(files=0, documents=len(documents), undecodable_files=0,
+                                 bytes=sum(len(d.encode("utf-8", "surrogatepass")) for d in documents))
+    _write(name, version_dir, {"train": train, "validation": validation}, stats,
+           {"validation_fraction": validation_fraction, "source": config})
+    return _read_prepared(name, version_dir)
+
+
 def _check_settings(split: str, validation_fraction: float, min_document_chars: int) -> dict:
     if split not in ("hash", "tail"):
         raise ValueError(f"split must be 'hash' or 'tail', got {split!r}")
