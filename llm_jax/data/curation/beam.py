@@ -8,7 +8,7 @@ change shape, because no single worker sees every document:
 
     exact_dedup   documents grouped by their hash; all but the smallest ordinal are removed
     near_dedup    documents grouped by LSH band key; one is removed when a document with a
-                  smaller ordinal in one of its buckets has estimated Jaccard >= threshold
+                  smaller ordinal in one of its buckets has Jaccard >= threshold
 
 Dedup steps run one after another, each seeing only the documents still alive at it, as
 in the local runner. Exact dedup gives the same result as the local runner. Near dedup can
@@ -81,7 +81,7 @@ def _near_duplicates(threshold: float):
     def duplicates(group: tuple[bytes, Iterable[tuple[int, str, object]]]):
         members = sorted(group[1], key=lambda m: m[0])
         for i, (ordinal, _, signature) in enumerate(members):
-            best = max(((dedup.estimated_jaccard(signature, s), -o, doc_id) for o, doc_id, s in members[:i]),
+            best = max(((dedup.similarity(signature, s), -o, doc_id) for o, doc_id, s in members[:i]),
                        default=None)
             if best is not None and best[0] >= threshold:
                 yield ordinal, (best[0], best[1], best[2])
@@ -133,7 +133,7 @@ class CurateDocuments(beam.PTransform):
             bands, rows = dedup.lsh_bands(cfg)
             marks = (alive | f"Bands{k}" >> beam.FlatMap(
                         lambda s: [(key, (s[0].ordinal, s[0].doc_id, s[0].signatures[k]))
-                                   for key in dedup.band_keys(s[0].signatures[k], bands, rows)])
+                                   for key in dedup.band_keys(s[0].signatures[k].minhash, bands, rows)])
                      | f"GroupBand{k}" >> beam.GroupByKey()
                      | f"Near{k}" >> beam.FlatMap(_near_duplicates(cfg.threshold)))
         keyed = states | f"ByOrdinal{k}" >> beam.Map(lambda s: (s[0].ordinal, s))

@@ -24,7 +24,6 @@ import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
-import re
 import time
 from typing import Any, Callable, Iterable, Iterator
 
@@ -56,7 +55,7 @@ class InputCheck:
             return Removal(doc.problem, doc.problem_detail)
         if len(doc.text) > self.cfg.max_document_chars:
             return Removal("too_long", f"{len(doc.text):,} chars > max_document_chars {self.cfg.max_document_chars:,}")
-        if len(doc.text) - sum(map(len, re.findall(r"\s+", doc.text))) < self.cfg.min_document_chars:
+        if len("".join(doc.text.split())) < self.cfg.min_document_chars:
             return Removal("empty", f"fewer than {self.cfg.min_document_chars} non-space characters")
         return None
 

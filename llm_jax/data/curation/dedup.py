@@ -11,8 +11,9 @@ id of the document they duplicate. Near duplicates are found by MinHash over wor
 n-gram shingles (Broder 1997): the fraction of equal MinHash values estimates the
 Jaccard similarity of two documents' shingle sets, and locality-sensitive hashing
 (bands of values) proposes candidates without comparing every pair. A candidate counts
-only if its estimated Jaccard similarity reaches the threshold, which keeps precision
-high; the LSH bands are tuned to favour recall.
+only if its Jaccard similarity reaches the threshold: exactly, from the shingle hashes
+(`verify="exact"`, the default; precision is then 1 by construction), or as MinHash
+estimates it (`verify="estimate"`, less memory). The LSH bands are tuned to favour recall.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import dataclasses
 import hashlib
 import re
 import unicodedata
+from typing import Literal
 
 import numpy as np
 
@@ -49,6 +51,11 @@ class NearDedupConfig:
     seed: int = 1
     # LSH band tuning: weight of false positives vs false negatives (datasketch's weights).
     false_negative_weight: float = 0.9
+    # How an LSH candidate is confirmed: "exact" Jaccard of the shingle sets (each kept
+    # document's 32-bit shingle hashes stay in memory, ~4 bytes per word), or the MinHash
+    # "estimate" (num_perm values per document only, but a pair within ~2 standard errors
+    # of the threshold can fall either side).
+    verify: Literal["exact", "estimate"] = "exact"
 
     def __post_init__(self):
         if not 0 < self.threshold < 1:
@@ -59,6 +66,8 @@ class NearDedupConfig:
                 raise ValueError(f"near_dedup.{name} must be a positive int, got {value!r}")
         if not 0 < self.false_negative_weight < 1:
             raise ValueError(f"near_dedup.false_negative_weight must be in (0, 1), got {self.false_negative_weight!r}")
+        if self.verify not in ("exact", "estimate"):
+            raise ValueError(f"near_dedup.verify must be 'exact' or 'estimate', got {self.verify!r}")
 
 
 def normalize(text: str) -> str:
@@ -95,17 +104,41 @@ def jaccard(a: set, b: set) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def minhash_signature(text: str, cfg: NearDedupConfig) -> np.ndarray:
-    """The document's MinHash values (uint32 [num_perm])."""
+@dataclasses.dataclass(frozen=True, eq=False)  # arrays: no element-wise __eq__ surprises
+class NearSignature:
+    minhash: np.ndarray  # uint32 [num_perm]
+    shingles: np.ndarray | None  # sorted distinct uint32 shingle hashes (verify="exact")
+
+
+def _hash32(shingle: bytes) -> int:
+    return int.from_bytes(hashlib.sha1(shingle).digest()[:4], "little")  # what datasketch hashes with
+
+
+def _identity(value: int) -> int:  # the shingles arrive hashed (module level: it pickles)
+    return value
+
+
+def minhash_signature(text: str, cfg: NearDedupConfig) -> NearSignature:
+    """The document's MinHash values and, to verify candidates exactly, its shingle hashes."""
     from datasketch import MinHash
 
-    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=_SCHEME)
-    m.update_batch(list(shingles(text, cfg.shingle_words)))
-    return m.hashvalues.astype(np.uint32)
+    hashes = np.unique(np.fromiter(map(_hash32, shingles(text, cfg.shingle_words)), np.uint32))
+    m = MinHash(num_perm=cfg.num_perm, seed=cfg.seed, scheme=_SCHEME, hashfunc=_identity)
+    m.update_batch(hashes.tolist())
+    return NearSignature(m.hashvalues.astype(np.uint32), hashes if cfg.verify == "exact" else None)
 
 
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """The share of equal MinHash values: an unbiased estimate of the Jaccard similarity."""
     return float(np.mean(a == b))
+
+
+def similarity(a: NearSignature, b: NearSignature) -> float:
+    """Exact Jaccard of the shingle sets when both have them, else the MinHash estimate."""
+    if a.shingles is None or b.shingles is None:
+        return estimated_jaccard(a.minhash, b.minhash)
+    shared = np.intersect1d(a.shingles, b.shingles, assume_unique=True).size
+    return shared / (a.shingles.size + b.shingles.size - shared)
 
 
 def lsh_bands(cfg: NearDedupConfig) -> tuple[int, int]:
@@ -131,18 +164,18 @@ class NearIndex:
         self.cfg = cfg
         self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm,
                                weights=(1 - cfg.false_negative_weight, cfg.false_negative_weight))
-        self._signatures: dict[str, np.ndarray] = {}
+        self._signatures: dict[str, NearSignature] = {}
 
-    def add(self, doc_id: str, signature: np.ndarray) -> str | None:
+    def add(self, doc_id: str, signature: NearSignature) -> str | None:
         """The id of an earlier document this one nearly duplicates, or None (then it is indexed)."""
         from datasketch import MinHash
 
-        m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashvalues=signature, scheme=_SCHEME)
+        m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashvalues=signature.minhash, scheme=_SCHEME)
         best, best_id = -1.0, None
         for other in self._lsh.query(m):
-            similarity = estimated_jaccard(signature, self._signatures[other])
-            if similarity > best:
-                best, best_id = similarity, other
+            score = similarity(signature, self._signatures[other])
+            if score > best:
+                best, best_id = score, other
         if best >= self.cfg.threshold:
             return best_id
         if doc_id not in self._signatures:

@@ -163,5 +163,6 @@ class Report:
         lines.append(f"{'kept':18s} {'':24s} {self.kept_docs:9,d} {100 * self.kept_docs / n:5.1f}%"
                      f" {self.kept_bytes / 1e6:9.3f}")
         rate = self.input_docs / self.seconds if self.seconds else float("nan")
-        lines.append(f"{self.seconds:.1f} s with {self.workers} worker(s), {rate:,.0f} docs/s")
+        where = f"{self.workers} worker process(es)" if self.workers else "a Beam runner"
+        lines.append(f"{self.seconds:.1f} s on {where}, {rate:,.0f} docs/s")
         return "\n".join(lines)
