@@ -41,7 +41,7 @@ def stdlib_documents(limit: int):
 def full_chain(tmp: pathlib.Path, files) -> dict:
     """The code preset plus every filter that needs user files, with those files made here."""
     rng = random.Random(0)
-    sample = rng.sample(files, 200)
+    sample = rng.sample(corpora.stdlib_sources(), 200)  # whatever --docs is
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in sample]
     good = [t[:2000] for t in texts[:100]]
     bad = ["".join(rng.sample(t[:2000], len(t[:2000]))) for t in texts[100:]]  # character soup

@@ -73,7 +73,7 @@ def test_generate_loads_the_expanded_run(runs, capsys):
 
 def test_bad_expansions_are_refused(runs, tmp_path):
     old_dir, new_dir, _ = runs
-    with pytest.raises(TypeError, match="sentencepiece"):
+    with pytest.raises(ValueError, match="sentencepiece"):
         add_tokens(CharTokenizer.from_text("abc"), ["ab"])
     tokenizer = load_tokenizer(old_dir / "tokenizer")
     for bad in ([], [""], ["a\nb"]):

@@ -32,7 +32,8 @@ class Expansion:
 def add_tokens(tokenizer: SentencePieceTokenizer, tokens: Sequence[str]) -> Expansion:
     """`tokenizer` with `tokens` appended as user-defined pieces (see the module docstring)."""
     if not isinstance(tokenizer, SentencePieceTokenizer):
-        raise TypeError(f"vocabulary expansion edits sentencepiece models; got {type(tokenizer).__name__}")
+        raise ValueError(f"vocabulary expansion edits sentencepiece models; this run's tokenizer is a "
+                         f"{type(tokenizer).__name__} (train with data.tokenizer=sentencepiece)")
     model = sentencepiece_model_pb2.ModelProto()
     model.ParseFromString(tokenizer.model_proto)
     existing = {p.piece for p in model.pieces}
