@@ -293,7 +293,13 @@ def test_align_cli_writes_runs_that_generate_loads(base_run, capsys):
     # Settings in another order than the fixture's: each is retried until the others make it valid.
     assert cli.main(["align", *common, "--objective", "ppo", "--out", str(root / "ppo"), "--reward-model",
                      str(root / "rm"), *reversed(PPO_SETTINGS)]) == 0
+    rewards = root / "rewards.py"
+    rewards.write_text("def score(prompt, response):\n    return response.count('c') / max(len(response), 1)\n")
+    assert cli.main(["align", *common, "--objective", "ppo", "--out", str(root / "ppo_fn"), "--reward-fn",
+                     f"{rewards}:score", *PPO_SETTINGS]) == 0
     capsys.readouterr()
+    scores = [r["ppo/score"] for r in map(json.loads, (root / "ppo_fn" / "metrics.jsonl").read_text().splitlines())]
+    assert len(scores) == 12 and all(0 <= s <= 1 for s in scores)
     report = json.loads((root / "dpo" / "alignment.json").read_text())
     assert report["objective"] == "dpo" and report["config"]["beta"] == 0.1 and report["steps"] == 16
     assert json.loads((root / "rm" / "alignment.json").read_text())["summary"]["held_out"] is None
