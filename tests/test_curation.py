@@ -131,6 +131,9 @@ def test_chain_config_errors_name_the_problem(tmp_path):
         parse_chain([{"filter": "quality", "min_wrods": 3}])
     with pytest.raises(ChainConfigError, match="used twice"):
         parse_chain([{"filter": "privacy"}, {"filter": "privacy"}])
+    two = parse_chain([{"filter": "classifier", "model": "q.npz"},  # quality, and toxicity as a classifier
+                       {"filter": "classifier", "id": "toxicity_classifier", "model": "t.npz", "threshold": 0.9}])
+    assert [s.id for s in two.steps] == ["classifier", "toxicity_classifier"]
     with pytest.raises(ChainConfigError, match="threshold"):
         parse_chain([{"filter": "near_dedup", "threshold": 1.5}])
     with pytest.raises(FileNotFoundError, match="word list .*missing.txt"):
@@ -281,7 +284,7 @@ def test_a_step_that_raises_removes_only_that_document():
     assert "RuntimeError: boom" in chain.report.steps[1].removed["error"].examples[0]["detail"]
 
 
-def test_beam_pipeline_matches_the_local_runner():
+def test_beam_pipeline_matches_the_local_runner(raw, prepared, tmp_path):
     pytest.importorskip("apache_beam")  # the beam extra (see setup.cfg: not in the test environment)
     from llm_jax.data.curation.beam import run_beam
 
@@ -290,3 +293,9 @@ def test_beam_pipeline_matches_the_local_runner():
     texts, report = run_beam(Chain(parse_chain(CHAIN)), _docs())
     assert texts == kept
     assert report.to_dict()["steps"] == local.report.to_dict()["steps"]
+    # The whole command, every filter and bad input included, on the DirectRunner.
+    assert cli_main(["prepare", "--input", str(raw / "raw"), "--out", str(tmp_path), "--chain", str(raw / "chain.json"),
+                     "--name", "tiny", "--runner", "beam"]) == 0
+    beam_report = json.loads((tmp_path / "report.json").read_text())
+    local_report = json.loads((prepared / "report.json").read_text())
+    assert beam_report["steps"] == local_report["steps"] and beam_report["totals"] == local_report["totals"]
