@@ -263,7 +263,7 @@ class Chain:
         for i in sorted(trace.signatures):
             if i >= limit:
                 break
-            first = indexes[i].add(trace.doc_id, trace.signatures[i])
+            first = indexes[i].add(trace.ordinal, trace.doc_id, trace.signatures[i])
             if first is not None:
                 return Outcome(i, Removal(self.steps[i].rule, f"duplicate of {first}"))
         return Outcome(trace.stop, trace.removal)

@@ -4,7 +4,7 @@ Both are split into a pure part and a stateful part, so the pure part runs in wo
 processes (or Beam workers) and only a small index lives in one place:
 
     signature(text) -> hashable / MinHash values       pure, parallel
-    index.add(ordinal, doc_id, signature) -> dup of?   sequential, in input order
+    index.add(ordinal, id, signature) -> dup of?       sequential, in input order
 
 The first document of a group of duplicates is kept; the others are removed with the
 id of the document they duplicate. Near duplicates are found by MinHash over word
@@ -87,9 +87,13 @@ class ExactIndex:
     def __init__(self):
         self._first: dict[str, str] = {}
 
-    def add(self, doc_id: str, signature: str) -> str | None:
-        first = self._first.setdefault(signature, doc_id)
-        return None if first == doc_id else first
+    def add(self, ordinal: int, doc_id: str, signature: str) -> str | None:
+        """The id of the earlier document with this hash, or None (then this one is recorded)."""
+        del ordinal  # the hash is the key; input order decides which document comes first
+        if signature in self._first:
+            return self._first[signature]
+        self._first[signature] = doc_id
+        return None
 
 
 def shingles(text: str, n: int) -> set[bytes]:
@@ -164,21 +168,22 @@ class NearIndex:
         self.cfg = cfg
         self._lsh = MinHashLSH(threshold=cfg.threshold, num_perm=cfg.num_perm,
                                weights=(1 - cfg.false_negative_weight, cfg.false_negative_weight))
-        self._signatures: dict[str, NearSignature] = {}
+        # Keyed by ordinal, which is unique even when documents' ids are not.
+        self._signatures: dict[int, tuple[str, NearSignature]] = {}
 
-    def add(self, doc_id: str, signature: NearSignature) -> str | None:
+    def add(self, ordinal: int, doc_id: str, signature: NearSignature) -> str | None:
         """The id of an earlier document this one nearly duplicates, or None (then it is indexed)."""
         from datasketch import MinHash
 
         m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashvalues=signature.minhash, scheme=_SCHEME)
         best, best_id = -1.0, None
         for other in self._lsh.query(m):
-            score = similarity(signature, self._signatures[other])
+            other_id, other_signature = self._signatures[other]
+            score = similarity(signature, other_signature)
             if score > best:
-                best, best_id = score, other
+                best, best_id = score, other_id
         if best >= self.cfg.threshold:
             return best_id
-        if doc_id not in self._signatures:
-            self._lsh.insert(doc_id, m)
-            self._signatures[doc_id] = signature
+        self._lsh.insert(ordinal, m)
+        self._signatures[ordinal] = (doc_id, signature)
         return None

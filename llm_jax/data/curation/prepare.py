@@ -6,6 +6,10 @@
 Train on it with `llm-jax train data.source=tfds data.tfds_name=<name> data.data_dir=OUT`.
 The report is written even when no document survives (then `prepare` raises after it),
 so a run that removes everything still says why.
+
+The filters stream, but the kept documents are held in memory while tfds writes them (as
+`corpora.prepare_text_corpus` does); a corpus beyond one machine goes through the Beam
+transform (`llm_jax.data.curation.beam.CurateDocuments`) and a Beam sink instead.
 """
 
 from __future__ import annotations
