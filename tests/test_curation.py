@@ -1,14 +1,12 @@
 """Data curation: every filter's rule, bad input, the report's balance, prepare -> training corpus."""
 
 import json
-import pathlib
 import random
 
-import numpy as np
 import pytest
 
 from llm_jax.cli import main as cli_main
-from llm_jax.data.curation import Chain, ChainConfigError, Document, load_chain, parse_chain
+from llm_jax.data.curation import Chain, ChainConfigError, Document, parse_chain
 from llm_jax.data.curation import classifier, dedup, privacy, quality, toxicity
 from llm_jax.data.curation.decontamination import contamination, eval_ngrams
 from llm_jax.data.curation.documents import read_input

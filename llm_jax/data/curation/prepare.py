@@ -51,7 +51,11 @@ def prepare(input_path: str, out_dir: str | pathlib.Path, chain: ChainConfig | s
     documents = read_input(input_path, input_format, text_field=text_field, extensions=extensions,
                            data_dir=tfds_data_dir, split=tfds_split, invalid_utf8=config.input.invalid_utf8)
     if runner == "beam":
-        from llm_jax.data.curation.beam import run_beam
+        try:
+            from llm_jax.data.curation.beam import run_beam
+        except ModuleNotFoundError as e:
+            raise ImportError(f"--runner beam needs the beam extra ({e}): pip install -e '.[beam]', in an "
+                              "environment of its own (see the README's data curation section)") from None
 
         texts, report = run_beam(built, documents, beam_args)
     elif runner == "local":
