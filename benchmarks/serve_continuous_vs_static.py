@@ -8,7 +8,7 @@ finished entirely). Greedy decoding with `ignore_eos`, so both runs must produce
 text for every request, which the script checks, along with every request finishing with
 exactly its max_tokens. Prints throughput, time to first token and latency percentiles.
 
-    python benchmarks/serve_continuous_vs_static.py [--requests 64] [--clients 16]
+    python benchmarks/serve_continuous_vs_static.py [--requests 64] [--clients 16] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from llm_jax.models import count_params, init_params
 TOKENIZER = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,:\n"))
 MODEL = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=256)
 ENGINE = dict(max_batch=8, page_size=16, prefill_chunk=64, prefill_rows=2)
-TIME_LIMIT_S = 300  # per mode; a run that takes longer is reported as failed
+TIME_LIMIT_S = 300  # per run; a run that takes longer is reported as failed
+MODES = (("static", True), ("continuous", False))
 
 
 def write_run_dir(root: pathlib.Path) -> pathlib.Path:
@@ -92,25 +93,40 @@ def run_clients(url: str, requests, clients: int):
     return results, time.perf_counter() - start
 
 
-def run_mode(run_dir: pathlib.Path, requests, clients: int, static: bool) -> dict:
+def start_server(run_dir: pathlib.Path, n_requests: int, static: bool):
     app, engine = load_server(run_dir, engine_options=dict(ENGINE, static_batching=static),
-                              server_config=ServerConfig(model_name="bench", max_concurrent=len(requests)))
+                              server_config=ServerConfig(model_name="bench", max_concurrent=n_requests))
     sock = bind_socket("127.0.0.1", 0)
     server = start_in_thread(app, sock)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}/v1", api_key="unused",
-                           max_retries=0, timeout=TIME_LIMIT_S)
     url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    one_request(openai.OpenAI(base_url=url, api_key="unused", max_retries=0), "warm up", 4)
+    return server, engine, url
+
+
+def run_all(run_dir: pathlib.Path, requests, clients: int, repeats: int) -> dict:
+    """Both servers up at once; the modes alternate `repeats` times, so that load from other
+    processes on the machine falls on both alike. Each mode keeps its median run."""
+    servers = {name: start_server(run_dir, len(requests), static) for name, static in MODES}
+    runs = {name: [] for name, _ in MODES}
+    # The clients run in another process, so that parsing their streams does not compete
+    # with the servers for this process's interpreter lock (spawned: never fork under JAX).
+    spawn = multiprocessing.get_context("spawn")
     try:
-        one_request(client, "warm up", 4)  # compile outside the timed run
-        # The clients run in another process, so that parsing their streams does not compete
-        # with the server for this process's interpreter lock (spawned: never fork under JAX).
-        spawn = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as process:
-            results, wall = process.submit(run_clients, url, requests, clients).result(timeout=TIME_LIMIT_S)
+            for _ in range(repeats):
+                for name, _ in MODES:
+                    engine = servers[name][1]
+                    steps = engine.stats["steps"]
+                    results, wall = process.submit(run_clients, servers[name][2], requests, clients).result(
+                        timeout=TIME_LIMIT_S)
+                    runs[name].append(dict(results=results, wall=wall, steps=engine.stats["steps"] - steps,
+                                           preemptions=engine.stats["preemptions"]))
     finally:
-        server.should_exit = True
-        server.thread.join(timeout=30)
-    return dict(results=results, wall=wall, preemptions=engine.stats["preemptions"])
+        for server, _, _ in servers.values():
+            server.should_exit = True
+            server.thread.join(timeout=30)
+    return {name: sorted(r, key=lambda run: run["wall"])[len(r) // 2] for name, r in runs.items()} | {
+        "walls": {name: [run["wall"] for run in r] for name, r in runs.items()}}
 
 
 def summary(name: str, run: dict) -> str:
@@ -127,6 +143,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="runs per mode (alternating); the median is shown")
     args = parser.parse_args(argv)
     requests = workload(args.requests)
     print(f"model: {count_params(MODEL):,} params (d_model {MODEL.d_model}, {MODEL.n_layers} layers, context "
@@ -134,9 +151,8 @@ def main(argv=None) -> int:
           f"prompt chars {min(len(p) for p, _ in requests)}-{max(len(p) for p, _ in requests)}, "
           f"max_tokens {min(m for _, m in requests)}-{max(m for _, m in requests)}; {jax.devices()[0].platform}")
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = write_run_dir(pathlib.Path(tmp))
-        runs = {name: run_mode(run_dir, requests, args.clients, static) for name, static in
-                (("static", True), ("continuous", False))}
+        runs = run_all(write_run_dir(pathlib.Path(tmp)), requests, args.clients, args.repeats)
+    walls = runs.pop("walls")
     print(f"{'batching':12s} {'tok/s':>9s} {'wall s':>8s} {'TTFT p50':>9s} {'TTFT p95':>9s} {'lat p50':>8s} "
           f"{'lat p95':>8s} {'lat p99':>8s} {'complete':>8s}")
     print(f"{'':12s} {'':>9s} {'':>8s} {'ms':>9s} {'ms':>9s} {'s':>8s} {'s':>8s} {'s':>8s}")
@@ -145,9 +161,11 @@ def main(argv=None) -> int:
     same = all(a["text"] == b["text"] for a, b in zip(runs["static"]["results"], runs["continuous"]["results"]))
     complete = all(r["reason"] == "length" and r["tokens"] == r["max_tokens"]
                    for run in runs.values() for r in run["results"])
-    ratio = (runs["static"]["wall"] / runs["continuous"]["wall"])
-    print(f"continuous / static throughput: {ratio:.2f}x (goal >= 2x); every request complete: {complete}; "
-          f"same text in both modes: {same}; preemptions: {runs['continuous']['preemptions']}")
+    ratio = runs["static"]["wall"] / runs["continuous"]["wall"]
+    print(f"continuous / static throughput: {ratio:.2f}x (goal >= 2x), medians of {args.repeats} alternating runs; "
+          f"walls s: " + "; ".join(f"{n} " + ", ".join(f"{w:.2f}" for w in ws) for n, ws in walls.items()))
+    print(f"engine steps: static {runs['static']['steps']}, continuous {runs['continuous']['steps']}; every request "
+          f"complete: {complete}; same text in both modes: {same}; preemptions: {runs['continuous']['preemptions']}")
     return 0 if complete and same else 1
 
 

@@ -35,7 +35,7 @@ def served(tmp_path_factory):
                                                 config=ocp.args.JsonSave(to_dict(config))))
         manager.wait_until_finished()
     TOKENIZER.save(run_dir / "tokenizer")
-    app, engine = load_server(run_dir, engine_options=dict(max_batch=4, page_size=8, prefill_chunk=16, prefill_rows=2),
+    app, engine = load_server(run_dir, engine_options=dict(max_batch=4, page_size=16, prefill_chunk=16, prefill_rows=2),
                               server_config=ServerConfig(model_name="tiny", max_body_bytes=4096, max_prompt_tokens=40,
                                                          max_tokens=48, max_concurrent=MAX_CONCURRENT))
     sock = bind_socket("127.0.0.1", 0)
@@ -148,14 +148,20 @@ def test_a_burst_beyond_the_limit_gets_429_and_the_rest_complete(served):
 def test_a_client_that_disconnects_mid_stream_frees_its_pages(served):
     engine, loop = served["engine"], served["loop"]
     aborted = engine.stats["aborted"]
-    stream = served["client"].completions.create(model="tiny", prompt="a long story", max_tokens=48, stream=True)
-    assert next(iter(stream)).choices[0].text is not None
-    loop.pause()  # keep the request running (and holding pages) while the client leaves
-    stream.close()
-    deadline = time.time() + 20
-    while engine.snapshot()["aborting"] == 0 and time.time() < deadline:
-        time.sleep(0.05)
-    loop.resume()
+    loop.pause()  # the test steps the engine itself, so the request cannot finish on its own
+    try:
+        stream = served["client"].completions.create(model="tiny", prompt="a long story", max_tokens=48,
+                                                     stream=True, extra_body={"ignore_eos": True})
+        for _ in range(4):
+            engine.step()
+        assert engine.snapshot()["running"] == 1 and engine.pool.in_use() > 0
+        assert next(iter(stream)).choices[0].text
+        stream.close()
+        deadline = time.time() + 20
+        while engine.snapshot()["aborting"] == 0 and time.time() < deadline:
+            time.sleep(0.05)  # the server notices the disconnect and aborts the request
+    finally:
+        loop.resume()
     while engine.stats["aborted"] == aborted and time.time() < deadline:
         time.sleep(0.05)
     assert engine.stats["aborted"] == aborted + 1

@@ -45,7 +45,17 @@ from llm_jax.models import Transformer
 from llm_jax.models.layers import compute_dtype
 from llm_jax.models.paged import NULL_PAGE, PagedKVCache
 
-_SAMPLING_FIELDS = [f.name for f in dataclasses.fields(SamplingParams)]
+# What an idle row samples with (any valid settings do; its token is thrown away).
+_SAMPLING_DEFAULTS = {name: np.asarray(value)[0] for name, value in vars(SamplingParams.make(1)).items()}
+
+
+def _buckets(smallest: int, largest: int) -> list[int]:
+    """Compiled sizes: powers of two from `smallest` below `largest`, then `largest` itself."""
+    sizes, size = [largest], smallest
+    while size < largest:
+        sizes.append(size)
+        size *= 2
+    return sorted(sizes)
 
 
 class RequestError(ValueError):
@@ -206,9 +216,20 @@ class Engine:
             self.step()
 
     def warmup(self) -> None:
-        """Compile the prefill and decode steps (idle rows only) so the first request is not slow."""
-        for rows, width in ((self.config.prefill_rows, self.config.prefill_chunk), (self.config.max_batch, 1)):
-            self._run([], rows, width)
+        """Compile every prefill and decode shape (idle rows only) so that no request waits for XLA."""
+        shapes = [(self.config.prefill_rows, w) for w in self._prefill_widths()] + [(self.config.max_batch, 1)]
+        for n_rows, width in shapes:
+            for n_pages in _buckets(4, self.max_pages):
+                self._run([], n_rows, width, n_pages)
+        self.counts = _set_counts_row(self.counts, 0, jnp.zeros(self.cfg.vocab_size, jnp.int32))
+
+    def _prefill_widths(self) -> list[int]:
+        return _buckets(16, self.config.prefill_chunk)
+
+    def _prefill_shape(self, rows: list[Request], feeds: dict) -> tuple[int, int]:
+        """[rows, width] of the prefill call: the narrowest compiled width that holds every chunk."""
+        longest = max(feeds[r.id] for r in rows)
+        return self.config.prefill_rows, next(w for w in self._prefill_widths() if w >= longest)
 
     def snapshot(self) -> dict:
         """Queue and pool gauges (for /metrics and tests)."""
@@ -261,7 +282,7 @@ class Engine:
         prefill = [r for r in prefill if r.slot is not None]
         decode = [r for r in decode if r.slot is not None]
         if prefill:
-            self._advance(prefill, feeds, self.config.prefill_rows, self.config.prefill_chunk)
+            self._advance(prefill, feeds, *self._prefill_shape(prefill, feeds))
         if decode:
             self._advance(decode, feeds, self.config.max_batch, 1)
         self.stats["steps"] += 1
@@ -350,18 +371,22 @@ class Engine:
             self.stats["generated_tokens"] += 1
             self._after_token(r)
 
-    def _run(self, rows: list[tuple[Request, int]], n_rows: int, width: int):
-        """One jitted call over n_rows x width tokens; rows past len(rows) are idle."""
+    def _run(self, rows: list[tuple[Request, int]], n_rows: int, width: int, n_pages: int | None = None):
+        """One jitted call over n_rows x width tokens; rows past len(rows) are idle.
+
+        The page tables are cut to the fewest (bucketed) pages any row needs: attention then
+        gathers and scores only those, not the whole context, for every row.
+        """
+        if n_pages is None:
+            needed = max([math.ceil((r.n_cached + n) / self.config.page_size) for r, n in rows], default=1)
+            n_pages = next(b for b in _buckets(4, self.max_pages) if b >= needed)
         tokens = np.zeros((n_rows, width), np.int32)
         n_valid = np.zeros(n_rows, np.int32)
         start = np.zeros(n_rows, np.int32)
-        table = np.full((n_rows, self.max_pages), NULL_PAGE, np.int32)
+        table = np.full((n_rows, n_pages), NULL_PAGE, np.int32)
         slot = np.full(n_rows, self.config.max_batch, np.int32)  # out of range: idle
         keys = np.zeros((n_rows, 2), np.uint32)
-        sp = {name: np.zeros(n_rows, np.int32 if name == "top_k" else np.float32) for name in _SAMPLING_FIELDS}
-        defaults = SamplingParams.make(1)
-        for name in _SAMPLING_FIELDS:
-            sp[name][:] = np.asarray(getattr(defaults, name))[0]
+        sp = {name: np.full(n_rows, value) for name, value in _SAMPLING_DEFAULTS.items()}
         for i, (r, n) in enumerate(rows):
             tokens[i, :n] = r.sequence[r.n_cached : r.n_cached + n]
             n_valid[i], start[i], slot[i], keys[i] = n, r.n_cached, r.slot, r.key_data

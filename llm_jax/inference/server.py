@@ -77,6 +77,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
+        self._parked = threading.Event()  # set while the thread waits in pause
         self._thread = threading.Thread(target=self._run, name="llm-jax-engine", daemon=True)
         self.window = collections.deque()  # (time, generated_tokens) samples for tokens/s
 
@@ -89,9 +90,12 @@ class EngineLoop:
         self.engine.wakeup.set()
         self._thread.join(timeout=10)
 
-    def pause(self):
-        """Hold the engine between steps (requests still queue); `resume` lets it go on."""
+    def pause(self, timeout: float = 30.0):
+        """Hold the engine between steps (requests still queue) and return once it is held."""
         self._running.clear()
+        self.engine.wakeup.set()
+        if not self._parked.wait(timeout):
+            raise TimeoutError("the engine thread did not pause")
 
     def resume(self):
         self._running.set()
@@ -108,7 +112,10 @@ class EngineLoop:
     def _run(self):
         engine = self.engine
         while not self._stop.is_set():
-            self._running.wait()
+            if not self._running.is_set():
+                self._parked.set()
+                self._running.wait()
+                self._parked.clear()
             if not engine.has_work():
                 engine.wakeup.wait(0.1)
                 engine.wakeup.clear()

@@ -9,7 +9,8 @@ Logical slot s of a row (its token at position s) is `page_table[b, s // Z]`, of
 gather; no Pallas kernel here), so the mask and position biases are exactly those of the
 dense `KVCache`: key slot s holds position s, and slots past a row's length are in its
 future and therefore invisible. Pages are handed out and taken back by the host (see
-`llm_jax.inference.paged_cache`); the model only reads and writes through the table.
+`llm_jax.inference.paged_cache`); the layers only read through the table, and the cache
+scatters every layer's new keys and values into the pools once, after the last layer.
 
 Unused table entries point at the null page, which absorbs writes that belong nowhere
 (padding tokens, idle batch rows) and is only ever read at masked slots.
@@ -29,10 +30,18 @@ NULL_PAGE = 0
 
 @flax.struct.dataclass
 class PagedWrite:
-    """Where one forward pass writes and reads: the `write_at` of a paged AttentionContext."""
+    """What attention needs to read a paged cache: the `write_at` of a paged AttentionContext.
 
-    slots_BT: jax.Array  # [B, T] flat pool slot (page * Z + offset) of each new token
-    pages_BM: jax.Array  # [B, M] the page table, to gather each row's keys and values
+    Layers read the pools, they never write them: each returns its new keys and values,
+    and `PagedKVCache.with_layer_entries` scatters all layers' into the pools at once. So
+    a step touches only the pages it reads, instead of passing the pools through the
+    layer scan (which would copy them every step).
+    """
+
+    q_pos_BT: jax.Array  # [B, T] positions of the new tokens
+    pages_BM: jax.Array  # [B, M] the page table
+    k_pool: jax.Array  # [L, P, Z, K, H]
+    v_pool: jax.Array
 
 
 @flax.struct.dataclass
@@ -70,40 +79,52 @@ class PagedKVCache:
         return jnp.zeros((self.end.shape[0], self.max_len), bool)
 
     def layer_entries(self) -> tuple:
-        return (self.k, self.v)
+        """Each layer's entry is just its index into the pools (see PagedWrite)."""
+        return (jnp.arange(self.k.shape[0]),)
 
     def with_layer_entries(self, entries: tuple, end: jax.Array, prefix: jax.Array) -> "PagedKVCache":
+        """Scatter every layer's new keys/values [L, B, T, K, H] into the pools."""
         del prefix
-        k, v = entries
-        return self.replace(k=k, v=v, end=end)
+        k_new, v_new = entries
+        T = k_new.shape[2]
+        slots_BT = self._slots(self.end[:, None] + jnp.arange(T)[None, :])
+        return self.replace(k=_scatter(self.k, k_new, slots_BT), v=_scatter(self.v, v_new, slots_BT), end=end)
 
     def write_plan(self, q_pos_BT: jax.Array) -> PagedWrite:
-        """Pool slots for tokens at positions `q_pos_BT`; positions past the table go to the null page."""
+        return PagedWrite(q_pos_BT=q_pos_BT, pages_BM=self.page_table, k_pool=self.k, v_pool=self.v)
+
+    def _slots(self, q_pos_BT):
+        """Flat pool slots (page * Z + offset) of positions; those past the table go to the null page."""
         Z, M = self.page_size, self.page_table.shape[1]
         page_index = q_pos_BT // Z
         page = jnp.take_along_axis(self.page_table, jnp.minimum(page_index, M - 1), axis=1)
         page = jnp.where(page_index < M, page, NULL_PAGE)
-        return PagedWrite(slots_BT=page * Z + q_pos_BT % Z, pages_BM=self.page_table)
+        return page * Z + q_pos_BT % Z
 
 
 def paged_update(kv, k_BTKH, v_BTKH, plan: PagedWrite, dtype):
-    """Scatter the new keys/values into this layer's pool pages, then gather each row's pages.
+    """This layer's keys/values [B, M*Z, K, H] as read through the page table, new tokens included.
 
-    Returns (k_BSKH, v_BSKH, new_entry) like the dense cache update, with S = M * Z.
+    Returns (k_BSKH, v_BSKH, (k_BTKH, v_BTKH)): the new entries go back to the cache,
+    which writes them into the pools after the last layer.
     """
-    k_pool, v_pool = kv
-    k_pool = _scatter(k_pool, k_BTKH, plan.slots_BT)
-    v_pool = _scatter(v_pool, v_BTKH, plan.slots_BT)
-    return _gather(k_pool, plan.pages_BM).astype(dtype), _gather(v_pool, plan.pages_BM).astype(dtype), (k_pool, v_pool)
+    (layer,) = kv
+    k_BSKH = _read(plan.k_pool, layer, plan.pages_BM, plan.q_pos_BT, k_BTKH)
+    v_BSKH = _read(plan.v_pool, layer, plan.pages_BM, plan.q_pos_BT, v_BTKH)
+    return k_BSKH.astype(dtype), v_BSKH.astype(dtype), (k_BTKH, v_BTKH)
 
 
-def _scatter(pool_PZKH, new_BTKH, slots_BT):
-    P, Z, K, H = pool_PZKH.shape
-    flat = pool_PZKH.reshape(P * Z, K, H).at[slots_BT.reshape(-1)].set(new_BTKH.reshape(-1, K, H).astype(pool_PZKH.dtype))
-    return flat.reshape(P, Z, K, H)
-
-
-def _gather(pool_PZKH, pages_BM):
+def _read(pool_LPZKH, layer, pages_BM, q_pos_BT, new_BTKH):
+    _, _, Z, K, H = pool_LPZKH.shape
     B, M = pages_BM.shape
-    _, Z, K, H = pool_PZKH.shape
-    return pool_PZKH[pages_BM].reshape(B, M * Z, K, H)
+    view_BSKH = pool_LPZKH[layer, pages_BM].reshape(B, M * Z, K, H)  # one gather, no copy of the pool
+    rows = jnp.arange(B)[:, None]
+    # Positions past the table (padding of a row near the end of the context) are dropped.
+    return view_BSKH.at[rows, q_pos_BT].set(new_BTKH.astype(view_BSKH.dtype), mode="drop")
+
+
+def _scatter(pool_LPZKH, new_LBTKH, slots_BT):
+    L, P, Z, K, H = pool_LPZKH.shape
+    flat = pool_LPZKH.reshape(L, P * Z, K, H)
+    flat = flat.at[:, slots_BT.reshape(-1)].set(new_LBTKH.reshape(L, -1, K, H).astype(flat.dtype))
+    return flat.reshape(L, P, Z, K, H)
