@@ -104,8 +104,9 @@ def _schedule(cfg: ExperimentConfig, sizes: Mapping[str, int]) -> PipelineSchedu
 
 
 def _bytes_per_device(abstract_tree, shardings) -> int:
-    leaves = zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding)))
-    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in leaves)
+    shards = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize
+               for a, s in zip(jax.tree.leaves(abstract_tree), shards))
 
 
 # Cached: the planner's search asks the same questions of many candidate layouts.
@@ -186,7 +187,8 @@ def _activations(cfg: ExperimentConfig, sizes: Mapping[str, int]) -> tuple[int, 
     model, tensor = cfg.model, sizes["tensor"]
     rows = cfg.train.batch_size // cfg.train.microbatches // (sizes["data"] * sizes["fsdp"])
     T = cfg.data.seq_len
-    head = sum(_split(shape, model, tensor) * n for shape, n, _ in _at_rows(_head_residuals, rows, _without_remat(model), T))
+    head_residuals = _at_rows(_head_residuals, rows, _without_remat(model), T)
+    head = sum(_split(shape, model, tensor) * itemsize for shape, itemsize, _ in head_residuals)
     if sizes["pipeline"] == 1:
         device, host = _layer_bytes(model, model.remat, rows, T, tensor)
         return model.n_layers * device + _working_set(model, rows, T, tensor) + head, model.n_layers * host
@@ -221,7 +223,7 @@ def _activation_dtype(model_cfg):
 
 
 def _split(shape: tuple[int, ...], model_cfg, tensor: int) -> int:
-    """Bytes-per-element-free size of one residual on one device of the tensor axis.
+    """Elements of one residual that one device of the tensor axis holds.
 
     Residual layouts follow the model: [B,T,N,H] and [B,T,K,G,H] (heads at axis 2),
     [B,K,G,T,S] (scores), [B,T,F] (MLP) and [B,T,V] (logits) are split over `tensor`;
