@@ -7,6 +7,7 @@
     llm-jax evaluate --checkpoint RUN_DIR [--quantize ...]   validation perplexity (and after quantization)
     llm-jax serve    --checkpoint RUN_DIR [--port 8000]      OpenAI-compatible HTTP server
     llm-jax convert  --from-hf HF_DIR --out RUN_DIR | --to-hf RUN_DIR --out HF_DIR
+    llm-jax finetune --base RUN_DIR --data F.jsonl --out RUN_DIR [key=value ...]   SFT, full or PEFT
     llm-jax align    --checkpoint RUN_DIR --objective reward|dpo|ppo --data F.jsonl --out RUN_DIR
     llm-jax forward  [--experiment NAME] [key=value ...]   one forward pass of a model
     llm-jax params   [--experiment NAME] [key=value ...]   parameter shapes, axes, counts
@@ -27,7 +28,9 @@ import pathlib
 import sys
 import time
 
-from llm_jax.config import ConfigError, to_json
+from typing import get_args
+
+from llm_jax.config import ConfigError, PeftMethod, to_json
 
 DEFAULT_EXPERIMENT = "debug"
 MAIN_EXPERIMENT = "python_stdlib"  # what `llm-jax train` trains when given no experiment
@@ -76,6 +79,10 @@ def cmd_generate(args) -> int:
     if args.quantize:
         params = quantize_params(params, cfg.model, bits=8 if args.quantize == "int8" else 4)
     prompts = args.prompt
+    if args.chat:  # wrap each prompt as a user turn in the run's chat template (sft.template)
+        from llm_jax.finetune.data import get_template
+
+        prompts = [get_template(cfg.sft.template).prompt([{"role": "user", "content": p}]) for p in prompts]
     room = cfg.model.max_seq_len - max(len(tokenizer.encode(p)) for p in prompts)
     if room < 1:
         raise ValueError(f"a prompt fills the model's whole context (model.max_seq_len={cfg.model.max_seq_len})")
@@ -140,6 +147,17 @@ def cmd_convert(args) -> int:
     from llm_jax.interop import main_convert
 
     return main_convert(args)
+
+
+def cmd_finetune(args) -> int:
+    """Supervised fine-tuning of a run directory on JSONL conversations, fully or with PEFT."""
+    from llm_jax.finetune.sft import finetune, finetune_config
+
+    flags = {"sft.train_path": args.data, "sft.validation_path": args.validation, "train.run_dir": args.out,
+             "model.peft.method": args.method, "sft.template": args.template}
+    overrides = [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    finetune(finetune_config(args.base, overrides))
+    return 0
 
 
 def cmd_align(args) -> int:
@@ -311,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--quantize", choices=("int8", "int4"), default=None, help="weight-only quantization")
     p.add_argument("--int8-cache", action="store_true", help="int8 key/value cache")
+    p.add_argument("--chat", action="store_true", help="send each prompt as a user turn in the run's chat template")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="decoding settings, e.g. temperature=0.8 top_p=0.95 max_new_tokens=100 seed=1")
     p.set_defaults(func=cmd_generate)
@@ -375,6 +394,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="Hugging Face checkpoints <-> llm_jax run directories (safetensors)")
     add_convert_args(p)
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning (full, LoRA, QLoRA, prefix/prompt tuning, adapters)")
+    p.add_argument("--base", required=True, help="the run directory to start from (an llm_jax run or a converted "
+                                                 "Hugging Face checkpoint)")
+    p.add_argument("--data", default=None, help="training JSONL: instruction/input/output or messages per line")
+    p.add_argument("--validation", default=None, help="validation JSONL (default: the tail of --data)")
+    p.add_argument("--out", default=None, help="run directory of the tuned model (default runs/finetune)")
+    p.add_argument("--method", default=None, choices=get_args(PeftMethod), help="model.peft.method (default none: "
+                                                                                "full fine-tuning)")
+    p.add_argument("--template", default=None, help="chat template: default, chatml or alpaca")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. model.peft.lora_rank=16 train.steps=500 optim.lr=1e-4")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("align", help="reward model, DPO or PPO from a run directory (preference JSONL)")
     p.add_argument("--checkpoint", required=True, help="the starting run directory (policy / reward model trunk)")

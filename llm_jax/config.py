@@ -38,11 +38,13 @@ class ConfigError(ValueError):
 # How each section is spelled in dotted keys, so errors name fields as users type them.
 _SECTIONS = {
     "ModelConfig": "model",
+    "PeftConfig": "model.peft",
     "MeshConfig": "mesh",
     "OptimConfig": "optim",
     "DataConfig": "data",
     "TrainConfig": "train",
     "DecodeConfig": "decode",
+    "SFTConfig": "sft",
 }
 
 
@@ -80,6 +82,50 @@ def _strip_optional(tp: Any) -> Any:
 def _require(cond: bool, field: str, message: str) -> None:
     if not cond:
         raise ConfigError(f"{field}: {message}")
+
+
+PeftMethod = Literal["none", "lora", "qlora", "prefix", "ptuning_v2", "prompt", "ptuning", "adapter"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftConfig:
+    """Parameter-efficient tuning (`llm_jax.models.peft`); `method="none"` leaves the model as it is.
+
+    lora / qlora:       low-rank updates of the projections named in `lora_targets`
+                        (qlora: on a frozen NF4 base with one scale per `qlora_group_size`)
+    prefix, ptuning_v2: `n_virtual` trained keys/values per layer (prefix: through an MLP)
+    prompt, ptuning:    `n_virtual` trained input embeddings (ptuning: through an MLP)
+    adapter:            bottlenecks of width `adapter_dim` after attention and after the MLP
+    """
+
+    method: PeftMethod = "none"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0  # the update is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    # Comma-separated projection names (query, key, value, out, wi, wi_gate, wi_up, wo,
+    # unembed) or "all"; the attention queries and values, as in the LoRA paper.
+    lora_targets: str = "query,value"
+    qlora_group_size: int = 64
+    n_virtual: int = 16
+    # Hidden width of prefix tuning's and P-tuning's reparameterisation MLP.
+    encoder_hidden: int = 64
+    adapter_dim: int = 16
+
+    def __post_init__(self):
+        _check_literals(self)
+        for name in ("lora_rank", "qlora_group_size", "n_virtual", "encoder_hidden", "adapter_dim"):
+            _require(getattr(self, name) > 0, f"model.peft.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(self.lora_alpha > 0, "model.peft.lora_alpha", f"must be positive, got {self.lora_alpha}")
+        _require(0.0 <= self.lora_dropout < 1.0, "model.peft.lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        _require(bool(self.target_names), "model.peft.lora_targets", "names no projection")
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +174,7 @@ class ModelConfig:
     attention: AttentionImpl = "einsum"
     dtype: ComputeDtype = "auto"
     param_dtype: ParamDtype = "float32"
+    peft: PeftConfig = PeftConfig()
 
     def __post_init__(self):
         _check_literals(self)
@@ -168,6 +215,24 @@ class ModelConfig:
             f"must exceed relative_buckets // 2 = {self.relative_buckets // 2}, got {self.relative_max_distance}",
         )
         _require(self.norm_eps > 0, "model.norm_eps", "must be positive")
+        if self.peft.uses_lora:
+            unknown = [t for t in self.peft.target_names if t not in self.projections + ("all",)]
+            _require(not unknown, "model.peft.lora_targets",
+                     f"{', '.join(map(repr, unknown))} names no module of this model; its projections are "
+                     f"{', '.join(self.projections)} (or 'all')")
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The names of this model's projection (Dense) modules, which LoRA can target."""
+        mlp = ("wi_gate", "wi_up") if self.gated else ("wi",)
+        return ("query", "key", "value", "out") + mlp + ("wo",) + (() if self.tie_embeddings else ("unembed",))
+
+    def lora_targets(self) -> tuple[str, ...]:
+        """The projections LoRA adapts (empty unless model.peft.method is lora or qlora)."""
+        if not self.peft.uses_lora:
+            return ()
+        names = self.peft.target_names
+        return self.projections if "all" in names else names
 
     @property
     def kv_heads(self) -> int:
@@ -349,6 +414,26 @@ class DecodeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning data (`llm-jax finetune`, `llm_jax.finetune.data`)."""
+
+    # JSONL files of {"instruction", "input", "output"} or {"messages": [...]} examples.
+    train_path: Optional[str] = None
+    # None: hold out the last `validation_fraction` of the training examples.
+    validation_path: Optional[str] = None
+    validation_fraction: float = 0.05
+    # How a conversation becomes text: "default", "chatml" or "alpaca"
+    # (llm_jax.finetune.data.TEMPLATES); stored with the run, so generation can use it.
+    template: Literal["default", "chatml", "alpaca"] = "default"
+    # False: the loss counts only the assistant's tokens; True: every token.
+    train_on_prompt: bool = False
+
+    def __post_init__(self):
+        _check_literals(self)
+        _require(0 <= self.validation_fraction < 1, "sft.validation_fraction", "must be in [0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment: what `experiments/<name>.py:config()` returns."""
 
@@ -359,6 +444,7 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     decode: DecodeConfig = DecodeConfig()
+    sft: SFTConfig = SFTConfig()
 
     def __post_init__(self):
         _require(

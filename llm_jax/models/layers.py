@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
+from llm_jax.models.lora import LoRA, NF4Tensor
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -32,7 +33,8 @@ class Dense(nn.Module):
     """y = x . W (+ b), contracting the last `n_in` axes of x with the first of W.
 
     The kernel's shape is `x.shape[-n_in:] + features`, created at that shape (no flattening)
-    so that its logical axis names `axes` (inputs first) apply to it as it is.
+    so that its logical axis names `axes` (inputs first) apply to it as it is. `lora`
+    (rank, alpha, dropout) adds a LoRA update; the kernel may be a frozen `NF4Tensor` (QLoRA).
     """
 
     features: tuple[int, ...]
@@ -42,17 +44,22 @@ class Dense(nn.Module):
     std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: tuple[int, float, float] | None = None
 
     @nn.compact
     def __call__(self, x):
         shape = x.shape[-self.n_in :] + self.features
         init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
-        kernel = self.param("kernel", init, shape, self.param_dtype).astype(self.dtype)
+        kernel = self.param("kernel", init, shape, self.param_dtype)
+        kernel = kernel.dequantize(self.dtype) if isinstance(kernel, NF4Tensor) else kernel.astype(self.dtype)
         contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
         if self.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in :])
             y = y + self.param("bias", bias_init, self.features, self.param_dtype).astype(self.dtype)
+        if self.lora is not None:
+            y = y + LoRA(*self.lora, axes=self.axes, n_in=self.n_in, features=self.features, dtype=self.dtype,
+                         name="lora")(x)
         return y
 
 
@@ -75,6 +82,7 @@ def dense(
         std=cfg.init_std if std is None else std,
         dtype=compute_dtype(cfg),
         param_dtype=param_dtype(cfg),
+        lora=(cfg.peft.lora_rank, cfg.peft.lora_alpha, cfg.peft.lora_dropout) if name in cfg.lora_targets() else None,
         name=name,
     )
 

@@ -179,6 +179,11 @@ def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mes
             from llm_jax.parallel.rules import param_shardings
 
             shardings = param_shardings(config.model, mesh)
+        peft_run = config.model.peft.method != "none"  # its checkpoint holds the tuned parameters only
+        if peft_run:
+            from llm_jax.finetune import peft
+
+            abstract, shardings = peft.split(abstract, config.model)[0], peft.split(shardings, config.model)[0]
         restored = checkpointer.manager.restore(
             step,
             args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -188,6 +193,9 @@ def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mes
                 partial_restore=True,
             )),
         )
-        return config, restored["state"]["params"], step
+        params = restored["state"]["params"]
+        if peft_run:  # compose with the base run's weights (train.init_from)
+            params = peft.with_base(params, config, mesh)
+        return config, params, step
     finally:
         checkpointer.close()
