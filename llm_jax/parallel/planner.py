@@ -12,9 +12,12 @@
                  plus the working set of one layer's backward (its full residuals, which remat
                  recomputes); residuals offloaded by the policy count as host bytes
 
-The residuals are JAX's own: `jax.vjp` of one block, traced with `jax.eval_shape` at this
-device's rows (nothing runs), keeps exactly what the backward pass will read. The tensor
-axis then divides those with a heads, MLP or vocabulary axis.
+The residuals are JAX's own: `jax.vjp` of one block, traced with `jax.eval_shape` (nothing
+runs), keeps exactly what the backward pass will read. It is traced at 1 and 2 rows, which
+tells the batch axes apart, and scaled to this device's rows; the tensor axis then divides
+the residuals that have a heads, MLP or vocabulary axis. This counts what JAX asks to
+keep, not XLA's own scratch, so expect the compiler's figure to differ by some percent
+(`benchmarks/README.md` records how much, per strategy).
 
 `compile_train_step` compiles the real step ahead of time against abstract inputs on a mesh
 (of the local devices, N simulated CPU devices, or a TPU topology where libtpu can describe
@@ -241,7 +244,7 @@ def _split(shape: tuple[int, ...], model_cfg, tensor: int) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _layer_residuals(model_cfg, policy: str, T: int, rows: int) -> tuple:
-    """(shape, itemsize, on_host) of what the backward pass keeps from one block."""
+    """(shape, itemsize, on_host) of what the backward pass keeps from one block of `rows` rows."""
     from llm_jax.models.attention import AttentionContext, attention_mask
     from llm_jax.models.transformer import REMAT_POLICIES, Block
 
@@ -308,7 +311,7 @@ def _head_residuals(model_cfg, T: int, rows: int) -> tuple:
         return tokens
 
     jax.eval_shape(probe, abstract_params(cfg), jax.ShapeDtypeStruct((rows, T), jnp.int32))
-    return tuple((shape, itemsize, False) for shape, itemsize, _ in found)
+    return tuple(found)
 
 
 # ------------------------------------------------------------------- ahead of time
