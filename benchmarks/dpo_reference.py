@@ -75,8 +75,8 @@ def main() -> None:
 
     index = [np.arange(i, i + args.batch) % args.pairs for i in range(0, args.pairs, args.batch)]
     ours = [(data.rows(i), ref_c[i], ref_r[i]) for i in index]
-    precomputed = lambda s, b: dpo_train_step(s, b[0].chosen, b[0].rejected, b[1], b[2], model_cfg=cfg,  # noqa: E731
-                                              beta=0.1)
+    precomputed = lambda s, b: dpo_train_step(s, {}, b[0].chosen, b[0].rejected, b[1], b[2],  # noqa: E731
+                                              model_cfg=cfg, beta=0.1)
     t_ours = _time_steps(precomputed, new_train_state(params, tx, 0), ours, args.steps)
     per_step = lambda s, b: per_step_reference_train_step(s, params, b[0].chosen, b[0].rejected,  # noqa: E731
                                                           model_cfg=cfg, beta=0.1)

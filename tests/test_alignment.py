@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from llm_jax import cli
-from llm_jax.config import ConfigError, ModelConfig, OptimConfig
+from llm_jax.config import ConfigError, ModelConfig, OptimConfig, PeftConfig
 from llm_jax.finetune.align_cli import override_together
 from llm_jax.finetune.align_config import DistillConfig, DPOConfig, PPOConfig, RewardConfig
 from llm_jax.finetune.distill import distill_train_step, distillation_loss
@@ -38,6 +38,9 @@ CFG = ModelConfig(vocab_size=16, d_model=32, n_layers=1, n_heads=2, d_ff=64, max
 EOS = 1
 DPO_SETTINGS = ["steps=16", "batch_size=8", "beta=0.1", "log_every=4", "optim.lr=1e-3"]
 REWARD_SETTINGS = ["steps=30", "batch_size=16", "log_every=10", "optim.lr=3e-3"]
+LORA_CFG = dataclasses.replace(CFG, peft=PeftConfig(method="lora", lora_rank=4, lora_targets="all"))
+LORA = ["model.peft.method=lora", "model.peft.lora_rank=4", "model.peft.lora_targets=all"]
+LORA_DPO_SETTINGS = ["steps=16", "batch_size=8", "beta=0.1", "log_every=4", "optim.lr=1e-2"]
 PPO_SETTINGS = ["iterations=12", "rollout_batch_size=32", "minibatch_size=16", "ppo_epochs=4", "max_new_tokens=8",
                 "kl_coef=0.05", "stop_at_eos=false", "optim.lr=5e-3"]
 
@@ -59,15 +62,19 @@ def _prompts(rng, n):
 
 
 @pytest.fixture(scope="module")
-def dpo_run(base_params):
+def dpo_data():
     """Chosen responses repeat token 5, rejected ones token 7, after random prompts."""
     rng = np.random.default_rng(0)
     n = 48
     chosen = [[5] * int(rng.integers(2, 6)) + [EOS] for _ in range(n)]
     rejected = [[7] * int(rng.integers(2, 6)) + [EOS] for _ in range(n)]
-    data = preference_data(_prompts(rng, n), chosen, rejected, max_len=CFG.max_seq_len)
+    return preference_data(_prompts(rng, n), chosen, rejected, max_len=CFG.max_seq_len)
+
+
+@pytest.fixture(scope="module")
+def dpo_run(base_params, dpo_data):
     cfg = override_together(DPOConfig(), DPO_SETTINGS + ["validation_fraction=0.25"])
-    return train_dpo(base_params, CFG, data, cfg, print_fn=lambda _: None)
+    return train_dpo(base_params, CFG, dpo_data, cfg, print_fn=lambda _: None)
 
 
 def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(dpo_run):
@@ -75,6 +82,19 @@ def test_dpo_raises_the_chosen_over_rejected_margin_on_held_out_pairs(dpo_run):
     assert last["margin"] > first["margin"] + 0.2 and last["loss"] < first["loss"]
     held = dpo_run.held_out
     assert held["margin"] > 0.3 and held["accuracy"] > 0.95 and held["loss"] < np.log(2) - 0.1
+
+
+def test_dpo_through_lora_trains_the_lora_factors_only(base_params, dpo_data):
+    from llm_jax.finetune import peft
+
+    tuned, frozen = peft.attach(base_params, LORA_CFG, jax.random.key(1))
+    cfg = override_together(DPOConfig(), LORA_DPO_SETTINGS + ["validation_fraction=0.25"])
+    run = train_dpo(peft.combine(tuned, frozen), LORA_CFG, dpo_data, cfg, print_fn=lambda _: None)
+    assert run.held_out["margin"] > 0.1 and run.held_out["accuracy"] > 0.9
+    new_tuned, new_frozen = peft.split(run.params, LORA_CFG)
+    jax.tree.map(np.testing.assert_array_equal, new_frozen, base_params)  # the base is untouched
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new_tuned, tuned)
+    assert min(jax.tree.leaves(moved)) > 0, moved
 
 
 def test_dpo_loss_is_log_2_at_the_reference_and_label_smoothing_mixes_the_flipped_label():
@@ -282,7 +302,7 @@ def base_run(tmp_path_factory, base_params):
     return root, run, data
 
 
-def test_align_cli_writes_runs_that_generate_loads(base_run, capsys):
+def test_align_cli_writes_runs_that_generate_loads(base_run, base_params, capsys):
     root, run, data = base_run
     common = ["--checkpoint", str(run), "--data", str(data)]
     everything = ["validation_fraction=0"]
@@ -303,7 +323,15 @@ def test_align_cli_writes_runs_that_generate_loads(base_run, capsys):
     report = json.loads((root / "dpo" / "alignment.json").read_text())
     assert report["objective"] == "dpo" and report["config"]["beta"] == 0.1 and report["steps"] == 16
     assert json.loads((root / "rm" / "alignment.json").read_text())["summary"]["held_out"] is None
-    for policy, step in (("dpo", 16), ("ppo", 12)):
+    assert cli.main(["align", *common, "--objective", "dpo", "--out", str(root / "lora"), *LORA_DPO_SETTINGS,
+                     *LORA, *everything]) == 0
+    from llm_jax.training.checkpoint import load_trained_model
+
+    config, params, _ = load_trained_model(root / "lora")  # the LoRA factors + the base run's weights
+    assert config.model == LORA_CFG and config.train.init_from == str(run)
+    np.testing.assert_array_equal(params["embed"]["embedding"], base_params["embed"]["embedding"])
+    capsys.readouterr()
+    for policy, step in (("dpo", 16), ("ppo", 12), ("lora", 16)):
         assert cli.main(["generate", "--checkpoint", str(root / policy), "--prompt", "ab", "max_new_tokens=3",
                          "temperature=0"]) == 0
         assert f"step {step}" in capsys.readouterr().err

@@ -6,13 +6,16 @@
                   (--reward-model RM_RUN | --reward-fn my_rewards.py:score)
 
 `key=value` overrides set fields of the objective's config (`llm_jax.finetune.
-align_config`: RewardConfig, DPOConfig, PPOConfig), e.g. `steps=200 optim.lr=1e-6`.
+align_config`: RewardConfig, DPOConfig, PPOConfig), e.g. `steps=200 optim.lr=1e-6`;
+`model.peft.*` ones tune a plain run through a PEFT method instead of in full, e.g.
+`model.peft.method=lora model.peft.lora_rank=16` (a PEFT run is tuned with its own).
 A `--reward-fn` is `module:function` or `path/to/file.py:function`, called as
 `function(prompt: str, response: str) -> float` on decoded text.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import pathlib
@@ -75,6 +78,37 @@ def override_together(config, assignments):
     return config
 
 
+def _split_overrides(assignments):
+    """(model.peft.* assignments, the objective's); other model.* keys are refused."""
+    model = [a for a in assignments if a.startswith("model.")]
+    bad = [a for a in model if not a.startswith("model.peft.")]
+    if bad:
+        raise ConfigError(f"{bad[0]}: alignment keeps the model's architecture; only model.peft.* may be set "
+                          f"(to tune through LoRA, QLoRA, adapters, prefixes or soft prompts)")
+    return model, [a for a in assignments if not a.startswith("model.")]
+
+
+def _with_peft(base_cfg, params, assignments, checkpoint, seed: int):
+    """The base config and parameters with the PEFT method of `model.peft.*` attached."""
+    if not assignments:
+        return base_cfg, params
+    if base_cfg.model.peft.method != "none":
+        raise ConfigError(f"model.peft: {checkpoint} is a model.peft.method={base_cfg.model.peft.method!r} run, "
+                          f"tuned further with its own method; drop the model.peft.* settings")
+    cfg = override(base_cfg, assignments)
+    if cfg.model.peft.method == "none":
+        return base_cfg, params
+    import jax
+
+    from llm_jax.finetune import peft
+
+    tuned, frozen = peft.attach(params, cfg.model, jax.random.key(seed))
+    # The tuned run's frozen weights are the starting run's: it becomes the base.
+    base_dir = str(pathlib.Path(checkpoint).absolute())
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=base_dir))
+    return cfg, peft.combine(tuned, frozen)
+
+
 def _max_len(cfg, model_cfg) -> int:
     max_len = cfg.max_len or model_cfg.max_seq_len
     if max_len > model_cfg.max_seq_len:
@@ -103,14 +137,18 @@ def main_align(args, print_fn=print) -> int:
     from llm_jax.finetune.runs import check_new_run_dir, save_aligned_run
     from llm_jax.training.checkpoint import load_trained_model
 
-    cfg = override_together(OBJECTIVES[args.objective](), args.overrides)  # validated before anything loads
+    peft_overrides, overrides = _split_overrides(args.overrides)
+    cfg = override_together(OBJECTIVES[args.objective](), overrides)  # validated before anything loads
     if args.objective != "ppo" and (args.reward_model or args.reward_fn):
         raise ValueError(f"--reward-model / --reward-fn apply to --objective ppo only, not {args.objective}")
     check_new_run_dir(args.out)
     base_cfg, params, base_step = load_trained_model(args.checkpoint)
     tokenizer = load_tokenizer(pathlib.Path(args.checkpoint) / "tokenizer")
+    base_cfg, params = _with_peft(base_cfg, params, peft_overrides, args.checkpoint, cfg.seed)
     model_cfg = base_cfg.model
-    print_fn(f"{args.objective}: starting from {args.checkpoint} (step {base_step})")
+    method = model_cfg.peft.method
+    print_fn(f"{args.objective}: starting from {args.checkpoint} (step {base_step})" +
+             (f", tuning through {method}" if method != "none" else ""))
     save = dict(objective=args.objective, objective_config=cfg, base_run_dir=args.checkpoint)
 
     if args.objective in ("reward", "dpo"):

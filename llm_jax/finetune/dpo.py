@@ -35,6 +35,8 @@ from llm_jax.finetune.sequences import (
     new_train_state,
     optimizer,
     response_logprob_sum,
+    split_tuned,
+    with_frozen,
 )
 
 
@@ -70,12 +72,13 @@ def reference_logprobs(ref_params, cfg: ModelConfig, data: PreferenceData, batch
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "beta", "label_smoothing"), donate_argnums=0)
-def dpo_train_step(state, chosen: Sequences, rejected: Sequences, ref_chosen_B, ref_rejected_B, *,
+def dpo_train_step(state, frozen, chosen: Sequences, rejected: Sequences, ref_chosen_B, ref_rejected_B, *,
                    model_cfg: ModelConfig, beta: float, label_smoothing: float = 0.0):
-    """One DPO step; metrics are of the batch before the update."""
+    """One DPO step of the tuned parameters (`state.params`; `frozen`: the rest, see
+    `split_tuned`); metrics are of the batch before the update."""
 
     def loss_fn(params):
-        policy_chosen, policy_rejected = _pair_logprobs(params, model_cfg, chosen, rejected)
+        policy_chosen, policy_rejected = _pair_logprobs(with_frozen(params, frozen), model_cfg, chosen, rejected)
         return dpo_loss(policy_chosen, policy_rejected, ref_chosen_B, ref_rejected_B, beta, label_smoothing)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
@@ -107,14 +110,17 @@ def train_dpo(params, model_cfg: ModelConfig, data: PreferenceData, cfg: DPOConf
     ref_train = reference_logprobs(reference_params, model_cfg, train, cfg.eval_batch_size)
     ref_held = None if held_out is None else reference_logprobs(reference_params, model_cfg, held_out,
                                                                 cfg.eval_batch_size)
-    state = new_train_state(params, optimizer(cfg.optim, cfg.steps), cfg.seed)
+    tuned, frozen = split_tuned(params, model_cfg)
+    state = new_train_state(tuned, optimizer(cfg.optim, cfg.steps), cfg.seed)
+    frozen = committed_like(frozen, state.params)
     batches = index_batches(train.num_pairs, cfg.batch_size, cfg.seed)
     history, pending = [], []
     for step in range(1, cfg.steps + 1):
         index = next(batches)
         batch = train.rows(index)
-        state, metrics = dpo_train_step(state, batch.chosen, batch.rejected, ref_train[0][index], ref_train[1][index],
-                                        model_cfg=model_cfg, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+        state, metrics = dpo_train_step(state, frozen, batch.chosen, batch.rejected, ref_train[0][index],
+                                        ref_train[1][index], model_cfg=model_cfg, beta=cfg.beta,
+                                        label_smoothing=cfg.label_smoothing)
         pending.append(metrics)
         if step % cfg.log_every == 0 or step == cfg.steps:
             logged = {"step": step, **{k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in metrics}}
@@ -122,8 +128,9 @@ def train_dpo(params, model_cfg: ModelConfig, data: PreferenceData, cfg: DPOConf
             history.append(logged)
             print_fn(f"dpo step {step:>5}/{cfg.steps} | loss {logged['loss']:.4f} | margin {logged['margin']:+.4f} | "
                      f"accuracy {logged['accuracy']:.3f}")
-    evaluate = lambda d, ref: evaluate_dpo(state.params, model_cfg, d, ref, cfg.beta, cfg.eval_batch_size)  # noqa: E731
-    result = DPOResult(params=state.params, history=history, train=evaluate(train, ref_train),
+    policy = with_frozen(state.params, frozen)
+    evaluate = lambda d, ref: evaluate_dpo(policy, model_cfg, d, ref, cfg.beta, cfg.eval_batch_size)  # noqa: E731
+    result = DPOResult(params=policy, history=history, train=evaluate(train, ref_train),
                        held_out=None if held_out is None else evaluate(held_out, ref_held))
     for name, m in (("training", result.train), ("held-out", result.held_out)):
         if m is not None:

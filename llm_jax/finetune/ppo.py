@@ -12,7 +12,9 @@ One iteration:
 Per-token reward: -kl_coef * (log pi - log pi_ref) on every response token, plus the
 score on the last one, so the policy pays for every nat it drifts from the frozen
 reference. The value head is a linear head on the policy's final hidden states (the
-trunk is shared: params are `{"lm": ..., "value_head": ...}`), zero at the start.
+trunk is shared: params are `{"lm": ..., "value_head": ...}`), zero at the start. A PEFT
+policy (`model.peft`) trains its method's parameters and the value head only; the rest
+of the LM is the steps' `frozen` argument.
 
 The reward is a Python function of token ids, `reward_fn(prompts, responses) -> [B]`
 (a programmatic reward, or `reward_model_fn` around a trained reward model). Responses
@@ -45,7 +47,9 @@ from llm_jax.finetune.sequences import (
     optimizer,
     pack,
     scalar_head,
+    split_tuned,
     token_logprobs,
+    with_frozen,
 )
 from llm_jax.inference import generate
 
@@ -91,16 +95,17 @@ def _whiten(x_BA, mask_BA):
     return (x_BA - mean) * jax.lax.rsqrt(var + 1e-8) * mask_BA
 
 
-def _policy_outputs(params, model_cfg: ModelConfig, seqs: Sequences, temperature: float):
-    logits_BTV, hidden_BTD = lm_forward(params["lm"], model_cfg, seqs)
+def _policy_outputs(params, frozen, model_cfg: ModelConfig, seqs: Sequences, temperature: float):
+    logits_BTV, hidden_BTD = lm_forward(with_frozen(params["lm"], frozen), model_cfg, seqs)
     return token_logprobs(logits_BTV, seqs.tokens, temperature), scalar_head(params["value_head"], hidden_BTD[:, :-1])
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "cfg"))
-def score_rollout(params, ref_params, seqs: Sequences, scores_B, *, model_cfg: ModelConfig, cfg: PPOConfig):
+def score_rollout(params, frozen, ref_params, seqs: Sequences, scores_B, *, model_cfg: ModelConfig,
+                  cfg: PPOConfig):
     """Log-probabilities, values, KL-penalised rewards and advantages of sampled responses."""
     mask_BA = action_mask(seqs).astype(jnp.float32)
-    logp_BA, values_BA = _policy_outputs(params, model_cfg, seqs, cfg.temperature)
+    logp_BA, values_BA = _policy_outputs(params, frozen, model_cfg, seqs, cfg.temperature)
     ref_logits_BTV, _ = lm_forward(ref_params, model_cfg, seqs)
     kl_BA = (logp_BA - token_logprobs(ref_logits_BTV, seqs.tokens, cfg.temperature)) * mask_BA
     last_BA = jax.nn.one_hot(seqs.lengths - 2, mask_BA.shape[1])  # the response's final action
@@ -120,9 +125,9 @@ def score_rollout(params, ref_params, seqs: Sequences, scores_B, *, model_cfg: M
     return rollout, metrics
 
 
-def ppo_loss(params, batch: Rollout, model_cfg: ModelConfig, cfg: PPOConfig):
+def ppo_loss(params, frozen, batch: Rollout, model_cfg: ModelConfig, cfg: PPOConfig):
     """Clipped policy loss + vf_coef * clipped value loss, averaged over response tokens."""
-    logp_BA, values_BA = _policy_outputs(params, model_cfg, batch.seqs, cfg.temperature)
+    logp_BA, values_BA = _policy_outputs(params, frozen, model_cfg, batch.seqs, cfg.temperature)
     m = batch.mask
     log_ratio_BA = jnp.where(m > 0, logp_BA - batch.logp, 0.0)  # off the response: ratio 1, never inf
     ratio_BA = jnp.exp(log_ratio_BA)
@@ -142,7 +147,7 @@ def ppo_loss(params, batch: Rollout, model_cfg: ModelConfig, cfg: PPOConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg", "cfg"), donate_argnums=0)
-def ppo_update(state, rollout: Rollout, *, model_cfg: ModelConfig, cfg: PPOConfig):
+def ppo_update(state, frozen, rollout: Rollout, *, model_cfg: ModelConfig, cfg: PPOConfig):
     """`cfg.ppo_epochs` shuffled passes of minibatch steps over one rollout batch, as one scan."""
     B = rollout.mask.shape[0]
     rng, perm_rng = jax.random.split(state.rng)
@@ -151,7 +156,7 @@ def ppo_update(state, rollout: Rollout, *, model_cfg: ModelConfig, cfg: PPOConfi
 
     def one(state, index):
         batch = jax.tree.map(lambda x: x[index], rollout)
-        grads, metrics = jax.grad(ppo_loss, has_aux=True)(state.params, batch, model_cfg, cfg)
+        grads, metrics = jax.grad(ppo_loss, has_aux=True)(state.params, frozen, batch, model_cfg, cfg)
         state, step_metrics = apply_gradients(state, grads, metrics["loss"])
         return state, {**metrics, **step_metrics}
 
@@ -223,23 +228,27 @@ def train_ppo(lm_params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]
     prompts, truncated = fit_prompts(prompts, model_cfg, cfg.max_new_tokens)
     longest = max(len(p) for p in prompts)
     width = min(model_cfg.max_seq_len, -(-longest // _WIDTH_BUCKET) * _WIDTH_BUCKET + cfg.max_new_tokens)
-    policy = {"lm": lm_params, "value_head": init_scalar_head(model_cfg.d_model)}
+    tuned, frozen = split_tuned(lm_params, model_cfg)
+    policy = {"lm": tuned, "value_head": init_scalar_head(model_cfg.d_model)}
     state = new_train_state(policy, optimizer(cfg.optim, cfg.iterations), cfg.seed)
+    frozen = committed_like(frozen, state.params)
     batches = index_batches(len(prompts), cfg.rollout_batch_size, cfg.seed)
     history = []
     for it in range(1, cfg.iterations + 1):
         batch = [prompts[i] for i in next(batches)]
-        responses = sample_responses(state.params["lm"], model_cfg, batch, cfg, seed=cfg.seed * 100_003 + it,
-                                     eos_id=eos_id)
+        responses = sample_responses(with_frozen(state.params["lm"], frozen), model_cfg, batch, cfg,
+                                     seed=cfg.seed * 100_003 + it, eos_id=eos_id)
         scores = _scores(reward_fn, batch, responses)
-        rollout, metrics = score_rollout(state.params, reference_params, pack(batch, responses, width, pad_id),
-                                         scores, model_cfg=model_cfg, cfg=cfg)
-        state, update_metrics = ppo_update(state, rollout, model_cfg=model_cfg, cfg=cfg)
+        seqs = pack(batch, responses, width, pad_id)
+        rollout, metrics = score_rollout(state.params, frozen, reference_params, seqs, scores, model_cfg=model_cfg,
+                                         cfg=cfg)
+        state, update_metrics = ppo_update(state, frozen, rollout, model_cfg=model_cfg, cfg=cfg)
         if it % cfg.log_every == 0 or it == cfg.iterations:
-            logged = {"iteration": it, **{k: float(v) for k, v in jax.device_get({**metrics, **update_metrics}).items()}}
+            fetched = jax.device_get({**metrics, **update_metrics})
+            logged = {"iteration": it, **{k: float(v) for k, v in fetched.items()}}
             history.append(logged)
             print_fn(f"ppo iteration {it:>4}/{cfg.iterations} | score {logged['score']:+.4f} | kl {logged['kl']:.4f} | "
                      f"pg {logged['pg_loss']:+.4f} | vf {logged['vf_loss']:.4f} | clip {logged['clip_fraction']:.3f} | "
                      f"length {logged['response_length']:.1f}")
-    return PPOResult(params=state.params["lm"], value_head=state.params["value_head"], history=history,
-                     truncated_prompts=truncated)
+    return PPOResult(params=with_frozen(state.params["lm"], frozen), value_head=state.params["value_head"],
+                     history=history, truncated_prompts=truncated)

@@ -52,7 +52,8 @@ def read_jsonl_records(path: str | pathlib.Path, fields: Sequence[str]) -> list[
             try:
                 record = json.loads(text)
             except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise PreferenceDataError(f"{path}, line {number}: not valid JSON "
+                                          f"({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
                 raise PreferenceDataError(f"{path}, line {number}: expected a JSON object with fields "
                                           f"{list(fields)}, got {type(record).__name__}")

@@ -25,6 +25,7 @@ from llm_jax.finetune.preference import PreferenceData, index_batches
 from llm_jax.finetune.sequences import (
     Sequences,
     apply_gradients,
+    committed_like,
     concat,
     init_scalar_head,
     last_token_hidden,
@@ -34,6 +35,8 @@ from llm_jax.finetune.sequences import (
     new_train_state,
     optimizer,
     scalar_head,
+    split_tuned,
+    with_frozen,
 )
 
 
@@ -63,13 +66,21 @@ def _pair_scores(params, cfg: ModelConfig, chosen: Sequences, rejected: Sequence
     return scores[: chosen.num_rows], scores[chosen.num_rows:]
 
 
+def _whole(params, frozen) -> dict:
+    return {"lm": with_frozen(params["lm"], frozen), "head": params["head"]}
+
+
 @functools.partial(jax.jit, static_argnames=("model_cfg", "center_coef"), donate_argnums=0)
-def reward_train_step(state, chosen: Sequences, rejected: Sequences, *, model_cfg: ModelConfig,
+def reward_train_step(state, frozen, chosen: Sequences, rejected: Sequences, *, model_cfg: ModelConfig,
                       center_coef: float = 0.0):
-    """One Bradley-Terry step on a batch of pairs; metrics are of the batch before the update."""
+    """One Bradley-Terry step on a batch of pairs; metrics are of the batch before the update.
+
+    `state.params` is {"lm": the tuned LM parameters, "head": ...}; `frozen` the rest of
+    the LM ({} unless the model is a PEFT model, see `split_tuned`).
+    """
 
     def loss_fn(params):
-        return bradley_terry_loss(*_pair_scores(params, model_cfg, chosen, rejected), center_coef)
+        return bradley_terry_loss(*_pair_scores(_whole(params, frozen), model_cfg, chosen, rejected), center_coef)
 
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params)
     state, step_metrics = apply_gradients(state, grads, metrics["loss"])
@@ -101,15 +112,17 @@ def train_reward_model(lm_params, model_cfg: ModelConfig, data: PreferenceData, 
                        print_fn: Callable[[str], None] = print) -> RewardResult:
     """Train a reward model from `lm_params` on `data`, holding out `cfg.validation_fraction`."""
     train, held_out = data.split(cfg.validation_fraction, cfg.seed)
-    state = new_train_state(init_reward_model(lm_params, model_cfg), optimizer(cfg.optim, cfg.steps), cfg.seed)
-    evaluate = lambda p: None if held_out is None else evaluate_reward_model(p, model_cfg, held_out,  # noqa: E731
-                                                                             cfg.eval_batch_size)
+    tuned, frozen = split_tuned(lm_params, model_cfg)
+    state = new_train_state(init_reward_model(tuned, model_cfg), optimizer(cfg.optim, cfg.steps), cfg.seed)
+    frozen = committed_like(frozen, state.params)
+    evaluate = lambda p: None if held_out is None else evaluate_reward_model(  # noqa: E731
+        _whole(p, frozen), model_cfg, held_out, cfg.eval_batch_size)
     before = evaluate(state.params)
     batches = index_batches(train.num_pairs, cfg.batch_size, cfg.seed)
     history, pending = [], []
     for step in range(1, cfg.steps + 1):
         batch = train.rows(next(batches))
-        state, metrics = reward_train_step(state, batch.chosen, batch.rejected, model_cfg=model_cfg,
+        state, metrics = reward_train_step(state, frozen, batch.chosen, batch.rejected, model_cfg=model_cfg,
                                            center_coef=cfg.center_coef)
         pending.append(metrics)
         if step % cfg.log_every == 0 or step == cfg.steps:
@@ -122,4 +135,5 @@ def train_reward_model(lm_params, model_cfg: ModelConfig, data: PreferenceData, 
     if after is not None:
         print_fn(f"held-out pairs ({held_out.num_pairs}): accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}"
                  f", margin {before['margin']:+.3f} -> {after['margin']:+.3f}")
-    return RewardResult(params=state.params, history=history, held_out=after, held_out_before=before)
+    return RewardResult(params=_whole(state.params, frozen), history=history, held_out=after,
+                        held_out_before=before)

@@ -9,6 +9,9 @@
 directories (`load_trained_model`, `generate`, `evaluate`, `convert --to-hf`) takes an
 aligned policy as it is; a reward model's head sits beside it as `reward_head`. The
 checkpoint holds no optimizer state: it serves inference and PPO, not a resumed run.
+
+A PEFT model (`model.peft`) is stored as a PEFT run is: its tuned parameters only, with
+`train.init_from` naming the plain run that holds the rest (the base config's own).
 """
 
 from __future__ import annotations
@@ -41,8 +44,15 @@ def save_aligned_run(out_dir, base_config: ExperimentConfig, params, *, step: in
     """Write an aligned model (LM `params`, optional named `heads`) as a run directory."""
     out_dir = check_new_run_dir(out_dir)
     checkpoints = out_dir / "checkpoints"
-    config = dataclasses.replace(base_config, name=f"{base_config.name}-{objective}",
-                                 train=dataclasses.replace(base_config.train, run_dir=str(out_dir), init_from=None))
+    peft = base_config.model.peft.method != "none"
+    if peft:
+        from llm_jax.finetune.sequences import split_tuned
+
+        params = split_tuned(params, base_config.model)[0]
+    # A plain model needs no base; a PEFT one keeps the base its frozen weights come from.
+    init_from = base_config.train.init_from if peft else None
+    train = dataclasses.replace(base_config.train, run_dir=str(out_dir), init_from=init_from)
+    config = dataclasses.replace(base_config, name=f"{base_config.name}-{objective}", train=train)
     with ocp.CheckpointManager(checkpoints) as manager:
         manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave({"step": step, "params": params, **(heads or {})}),

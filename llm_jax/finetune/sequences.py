@@ -8,6 +8,7 @@ response is `tokens[i, prompt_lengths[i]:lengths[i]]`. On such rows this module 
     response_logprob_sum   the summed log-probability of each row's response (DPO)
     scalar_head            a linear D -> 1 head (reward model, PPO value head)
     apply_gradients        an optimizer step that skips a non-finite loss or gradient
+    split_tuned            what trains: a PEFT model's (model.peft) own parameters, else all
 
 Index convention ("actions"): logp_BA[:, a] scores token a + 1 from the logits at
 position a, so A = T - 1 and the response tokens are actions prompt_length - 1 ..
@@ -147,6 +148,29 @@ def init_scalar_head(d_model: int) -> dict:
 def scalar_head(head: dict, hidden_D):
     """hidden [..., D] -> scalar [...], in f32."""
     return jnp.einsum("...d,d->...", hidden_D.astype(jnp.float32), head["kernel"]) + head["bias"]
+
+
+# ---------------------------------------------------------- parameter-efficient tuning
+
+
+def split_tuned(params, cfg: ModelConfig):
+    """(tuned, frozen) LM parameters: a PEFT model (`model.peft`) trains its method's own
+    parameters only (LoRA factors, adapters, prefixes, soft prompts), so gradients and
+    optimizer state exist for those alone; a plain model trains everything (frozen = {})."""
+    if cfg.peft.method == "none":
+        return params, {}
+    from llm_jax.finetune import peft
+
+    return peft.split(params, cfg)
+
+
+def with_frozen(tuned, frozen):
+    """The whole LM parameter tree from `split_tuned`'s halves."""
+    if not frozen:
+        return tuned
+    from llm_jax.finetune import peft
+
+    return peft.combine(tuned, frozen)
 
 
 # ---------------------------------------------------------------------- optimizer step
