@@ -414,10 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="JSONL: prompt, chosen, rejected per line (ppo: prompt)")
     p.add_argument("--out", required=True, help="new run directory for the aligned model")
     p.add_argument("--reward-model", default=None, help="ppo: a run directory written by --objective reward")
-    p.add_argument("--reward-fn", default=None, help="ppo: module:function or file.py:function (prompt, response) -> float")
+    p.add_argument("--reward-fn", default=None,
+                   help="ppo: module:function or file.py:function (prompt, response) -> float")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="the objective's config, e.g. steps=200 beta=0.1 optim.lr=1e-6 (llm_jax/finetune/align_config.py); "
-                        "model.peft.* to tune through PEFT, e.g. model.peft.method=lora")
+                   help="the objective's config, e.g. steps=200 beta=0.1 optim.lr=1e-6 "
+                        "(llm_jax/finetune/align_config.py); model.peft.* to tune through PEFT, e.g. "
+                        "model.peft.method=lora")
     p.set_defaults(func=cmd_align)
 
     p = sub.add_parser("experiments", help="list available experiments")
