@@ -134,9 +134,10 @@ def summary(name: str, run: dict) -> str:
     tokens = sum(r["tokens"] for r in res)
     ttft = np.array([r["ttft"] for r in res]) * 1e3
     lat = np.array([r["latency"] for r in res])
+    complete = sum(r["reason"] == "length" and r["tokens"] == r["max_tokens"] for r in res)
     return (f"{name:12s} {tokens / run['wall']:9.1f} {run['wall']:8.2f} {np.percentile(ttft, 50):9.0f} "
             f"{np.percentile(ttft, 95):9.0f} {np.percentile(lat, 50):8.2f} {np.percentile(lat, 95):8.2f} "
-            f"{np.percentile(lat, 99):8.2f} {sum(r['reason'] == 'length' and r['tokens'] == r['max_tokens'] for r in res):>5d}/{len(res)}")
+            f"{np.percentile(lat, 99):8.2f} {complete:>5d}/{len(res)}")
 
 
 def main(argv=None) -> int:

@@ -15,10 +15,10 @@ from llm_jax.models import KVCache, Transformer, init_params
 from llm_jax.models.paged import PagedKVCache
 
 # A large init makes the random model's choices depend on the context (see test_generate.py).
-CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32,
                   init_std=0.5, dtype="float32")
-# One engine shape for every test (one compile of each step). 14 pages of 4 tokens are too
-# few for four requests of up to 40 tokens at once: the pool runs out and preempts.
+# One engine config for every test (few compiles). 14 pages of 4 tokens are too few for
+# four requests of up to 30 tokens at once: the pool runs out and preempts.
 ENGINE = EngineConfig(max_batch=4, page_size=4, num_pages=15, prefill_chunk=8, prefill_rows=2)
 RNG = np.random.default_rng(0)
 PROMPTS = [RNG.integers(0, 64, n).tolist() for n in (3, 20, 9, 1, 12)]  # two prompt buckets in generate
@@ -34,13 +34,13 @@ def params():
 @pytest.fixture(scope="module")
 def reference(params):
     """What `generate` gives each prompt alone (batch of one), with its own seed and a stop token."""
-    return [generate(params, CFG, [p], max_new_tokens=20, sampling=s, stop_tokens=[5], seed=i).tokens[0]
+    return [generate(params, CFG, [p], max_new_tokens=10, sampling=s, stop_tokens=[5], seed=i).tokens[0]
             for i, (p, s) in enumerate(zip(PROMPTS, SETTINGS))]
 
 
 def _run(params, config, **submit):
     engine = Engine(params, CFG, config)
-    requests = [engine.submit(p, max_tokens=20, sampling=s, stop_sequences=[[5]], seed=i, **submit)
+    requests = [engine.submit(p, max_tokens=10, sampling=s, stop_sequences=[[5]], seed=i, **submit)
                 for i, (p, s) in enumerate(zip(PROMPTS, SETTINGS))]
     engine.run_until_idle()
     return engine, requests
@@ -68,7 +68,7 @@ def test_paged_decoding_equals_the_dense_cache_and_the_full_forward(params):
     # Scattered, interleaved pages: row 0 and row 1 take pages from all over the pool.
     k, v = PagedKVCache.init_pool(CFG, num_pages=32, page_size=4)
     pages = np.random.default_rng(0).permutation(np.arange(1, 32))
-    table = np.zeros((2, 16), np.int32)
+    table = np.zeros((2, 8), np.int32)
     table[0, :4], table[1, :4] = pages[:4], pages[4:8]
     cache = PagedKVCache(k=k, v=v, page_table=jnp.asarray(table), end=jnp.zeros(2, jnp.int32))
     paged = _decode_step_by_step(params, cache, tokens, first=7)
@@ -115,16 +115,16 @@ def test_engine_gives_each_request_what_generate_gives_it_alone(params, referenc
 
 
 def test_prefix_cache_reuses_the_pages_of_a_shared_prompt(params):
-    shared = RNG.integers(0, 64, 17).tolist()
+    shared = RNG.integers(0, 64, 13).tolist()
     engine = Engine(params, CFG, ENGINE)
-    first = engine.submit(shared + [1], max_tokens=20, sampling=dict(temperature=0.0), stop_sequences=[[5]])
+    first = engine.submit(shared + [1], max_tokens=10, sampling=dict(temperature=0.0), stop_sequences=[[5]])
     engine.run_until_idle()
-    second = engine.submit(shared + [2], max_tokens=20, sampling=dict(temperature=0.0), stop_sequences=[[5]])
+    second = engine.submit(shared + [2], max_tokens=10, sampling=dict(temperature=0.0), stop_sequences=[[5]])
     engine.run_until_idle()
-    assert engine.pool.prefix_hits == 17 // ENGINE.page_size  # four full pages of the common prefix
-    assert engine.stats["prefill_tokens"] == 18 + (18 - 16)  # the second fed only what was not cached
+    assert engine.pool.prefix_hits == 13 // ENGINE.page_size  # three full pages of the common prefix
+    assert engine.stats["prefill_tokens"] == 14 + (14 - 12)  # the second fed only what was not cached
     for r, last in ((first, 1), (second, 2)):
-        expected = generate(params, CFG, [shared + [last]], max_new_tokens=20, sampling=dict(temperature=0.0),
+        expected = generate(params, CFG, [shared + [last]], max_new_tokens=10, sampling=dict(temperature=0.0),
                             stop_tokens=[5])
         assert r.output == expected.tokens[0]
 
@@ -133,14 +133,14 @@ def test_chunked_prefill_lets_running_requests_decode_meanwhile(params):
     engine = Engine(params, CFG, ENGINE)
     short = engine.submit([1, 2, 3], max_tokens=8, sampling=dict(temperature=0.0))
     engine.step()  # the short prompt is in, decoding
-    long = engine.submit(RNG.integers(0, 64, 40).tolist(), max_tokens=4, sampling=dict(temperature=0.0))
+    long = engine.submit(RNG.integers(0, 64, 24).tolist(), max_tokens=4, sampling=dict(temperature=0.0))
     steps_to_prefill = 0
-    while long.n_cached < 40 - 1:
+    while long.n_cached < 24 - 1:
         before = len(short.output)
         engine.step()
         steps_to_prefill += 1
         assert len(short.output) == before + 1 or short.finish_reason  # never stalled by the long prompt
-    assert steps_to_prefill >= 40 // ENGINE.prefill_chunk
+    assert steps_to_prefill >= 24 // ENGINE.prefill_chunk
     engine.run_until_idle()
     assert len(long.output) == 4
 
@@ -148,7 +148,7 @@ def test_chunked_prefill_lets_running_requests_decode_meanwhile(params):
 def test_streaming_updates_hold_back_a_possible_stop_sequence(params, reference):
     pieces = []
     engine = Engine(params, CFG, ENGINE)
-    request = engine.submit(PROMPTS[1], max_tokens=20, sampling=SETTINGS[1], seed=1, stop_sequences=[[5], [9, 9, 9]],
+    request = engine.submit(PROMPTS[1], max_tokens=10, sampling=SETTINGS[1], seed=1, stop_sequences=[[5], [9, 9, 9]],
                             on_update=lambda r, tokens, done: pieces.append((list(tokens), done)))
     engine.run_until_idle()
     assert sum((t for t, _ in pieces), []) == request.output
@@ -157,7 +157,7 @@ def test_streaming_updates_hold_back_a_possible_stop_sequence(params, reference)
 
 def test_abort_frees_the_pages_of_a_running_request(params):
     engine = Engine(params, CFG, ENGINE)
-    request = engine.submit(PROMPTS[1], max_tokens=20)
+    request = engine.submit(PROMPTS[1], max_tokens=10)
     for _ in range(6):
         engine.step()
     assert engine.pool.in_use() > 0
@@ -170,7 +170,7 @@ def test_abort_frees_the_pages_of_a_running_request(params):
     (dict(prompt=[]), "prompt is empty"),
     (dict(prompt=[1, 99]), r"outside \[0, 64\)"),
     (dict(prompt=[1], max_tokens=0), "max_tokens must be"),
-    (dict(prompt=[1] * 60, max_tokens=10), "context of 64"),
+    (dict(prompt=[1] * 30, max_tokens=10), "context of 32"),
     (dict(prompt=[1], sampling=dict(top_p=0)), "top_p"),
     (dict(prompt=[1], sampling=dict(beam=2)), "unknown sampling settings"),
 ])

@@ -29,7 +29,8 @@ def served(tmp_path_factory):
     """A tiny random model saved as a run directory and served on a free loopback port."""
     run_dir = tmp_path_factory.mktemp("serve") / "tiny"
     params = init_params(CFG, jax.random.key(0))
-    config = ExperimentConfig(name="tiny", model=CFG, data=DataConfig(seq_len=64), train=TrainConfig(run_dir=str(run_dir)))
+    config = ExperimentConfig(name="tiny", model=CFG, data=DataConfig(seq_len=64),
+                              train=TrainConfig(run_dir=str(run_dir)))
     with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
         manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": 0, "params": params}),
                                                 config=ocp.args.JsonSave(to_dict(config))))
@@ -109,7 +110,8 @@ def test_malformed_and_oversized_bodies_then_the_server_keeps_serving(served):
     url = served["url"]
     status, text = _http(f"{url}/v1/completions", b"{not json")
     assert status == 400 and "not a JSON object" in json.loads(text)["error"]["message"]
-    status, text = _http(f"{url}/v1/completions", json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "many"}).encode())
+    status, text = _http(f"{url}/v1/completions",
+                         json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "many"}).encode())
     assert status == 422 and "max_tokens" in json.loads(text)["error"]["message"]
     status, text = _http(f"{url}/v1/completions", json.dumps({"model": "tiny", "prompt": "x" * 5000}).encode())
     assert status == 413 and "4096 bytes" in json.loads(text)["error"]["message"]
@@ -176,3 +178,10 @@ def test_metrics_report_queue_running_throughput_and_time_to_first_token(served)
         assert name in text
     count = next(line for line in text.splitlines() if line.startswith("llm_jax_time_to_first_token_seconds_count"))
     assert float(count.split()[-1]) >= 1
+
+
+def test_serve_command_reports_a_missing_run_directory(tmp_path, capsys):
+    from llm_jax import cli
+
+    assert cli.main(["serve", "--checkpoint", str(tmp_path)]) == 2
+    assert "no checkpoints/ folder" in capsys.readouterr().err

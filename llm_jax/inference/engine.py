@@ -174,8 +174,8 @@ class Engine:
         self._ids = itertools.count(1)
         self.wakeup = threading.Event()  # set when work arrives, for a waiting engine thread
         self.stats = collections.Counter(
-            dict.fromkeys(("generated_tokens", "prefill_tokens", "decode_tokens", "steps", "preemptions", "finished", "aborted"),
-                          0))
+            dict.fromkeys(("generated_tokens", "prefill_tokens", "decode_tokens", "steps", "preemptions", "finished",
+                           "aborted"), 0))
 
     # ------------------------------------------------------------------ the public interface
 
@@ -217,7 +217,8 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile every prefill and decode shape (idle rows only) so that no request waits for XLA."""
-        shapes = [(self.config.prefill_rows, w) for w in self._prefill_widths()] + [(self.config.max_batch, 1)]
+        rows = sorted({1, self.config.prefill_rows})
+        shapes = [(r, w) for r in rows for w in self._prefill_widths()] + [(self.config.max_batch, 1)]
         for n_rows, width in shapes:
             for n_pages in _buckets(4, self.max_pages):
                 self._run([], n_rows, width, n_pages)
@@ -227,9 +228,11 @@ class Engine:
         return _buckets(16, self.config.prefill_chunk)
 
     def _prefill_shape(self, rows: list[Request], feeds: dict) -> tuple[int, int]:
-        """[rows, width] of the prefill call: the narrowest compiled width that holds every chunk."""
+        """[rows, width] of the prefill call: one row or prefill_rows, and the narrowest compiled
+        width that holds every chunk (with continuous batching prompts mostly arrive one by one)."""
         longest = max(feeds[r.id] for r in rows)
-        return self.config.prefill_rows, next(w for w in self._prefill_widths() if w >= longest)
+        n_rows = 1 if len(rows) == 1 else self.config.prefill_rows
+        return n_rows, next(w for w in self._prefill_widths() if w >= longest)
 
     def snapshot(self) -> dict:
         """Queue and pool gauges (for /metrics and tests)."""
@@ -281,10 +284,16 @@ class Engine:
                 self._reserve_pages(r, r.n_cached + feeds[r.id])
         prefill = [r for r in prefill if r.slot is not None]
         decode = [r for r in decode if r.slot is not None]
+        # Both calls are dispatched before either result is fetched, so that preparing the
+        # decode call overlaps the prefill computation (the two touch disjoint requests).
+        calls = []
         if prefill:
-            self._advance(prefill, feeds, *self._prefill_shape(prefill, feeds))
+            shape = self._prefill_shape(prefill, feeds)
+            calls.append((prefill, self._run([(r, feeds[r.id]) for r in prefill], *shape)))
         if decode:
-            self._advance(decode, feeds, self.config.max_batch, 1)
+            calls.append((decode, self._run([(r, feeds[r.id]) for r in decode], self.config.max_batch, 1)))
+        for rows, results in calls:
+            self._advance(rows, feeds, rows is prefill, *jax.device_get(results))
         self.stats["steps"] += 1
 
     def _drain_inbox(self) -> None:
@@ -356,12 +365,12 @@ class Engine:
 
     # ------------------------------------------------------------------ running and finishing
 
-    def _advance(self, rows: list[Request], feeds: dict, n_rows: int, width: int) -> None:
-        tokens, keys = self._run([(r, feeds[r.id]) for r in rows], n_rows, width)
+    def _advance(self, rows: list[Request], feeds: dict, is_prefill: bool, tokens, keys) -> None:
+        """Take in one call's results: advance each row, sample where its input ended."""
         now = time.perf_counter()
         for i, r in enumerate(rows):
             r.n_cached += feeds[r.id]
-            self.stats["prefill_tokens" if width > 1 else "decode_tokens"] += feeds[r.id]
+            self.stats["prefill_tokens" if is_prefill else "decode_tokens"] += feeds[r.id]
             self._register_full_pages(r)
             if r.to_feed > 0:
                 continue  # a prompt chunk that does not reach the end samples nothing
@@ -372,7 +381,8 @@ class Engine:
             self._after_token(r)
 
     def _run(self, rows: list[tuple[Request, int]], n_rows: int, width: int, n_pages: int | None = None):
-        """One jitted call over n_rows x width tokens; rows past len(rows) are idle.
+        """Dispatch one jitted call over n_rows x width tokens (rows past len(rows) are idle);
+        returns the sampled tokens and advanced keys, still on the device.
 
         The page tables are cut to the fewest (bucketed) pages any row needs: attention then
         gathers and scores only those, not the whole context, for every row.
@@ -397,7 +407,7 @@ class Engine:
             self.params, self.cfg, self.k_pool, self.v_pool, self.counts, tokens, n_valid, start, table, slot, keys,
             SamplingParams(**sp),
         )
-        return jax.device_get((out_tokens, out_keys))
+        return out_tokens, out_keys
 
     def _register_full_pages(self, r: Request) -> None:
         """Offer r's newly filled pages to the prefix cache (prompt and generated tokens alike)."""

@@ -198,7 +198,8 @@ class _BodyLimit:
         payload = json.dumps(_error_body(f"request body exceeds the limit of {self.limit} bytes",
                                          code="body_too_large")).encode()
         await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(payload)).encode())]})
         await send({"type": "http.response.body", "body": payload})
 
 
@@ -229,7 +230,8 @@ class _TextStream:
         return delta
 
 
-def create_app(engine: Engine, tokenizer, config: ServerConfig = ServerConfig(), chat_template: ChatTemplate | None = None):
+def create_app(engine: Engine, tokenizer, config: ServerConfig = ServerConfig(),
+               chat_template: ChatTemplate | None = None):
     """The FastAPI app; the engine thread starts and stops with the app's lifespan."""
     cfg = engine.cfg
     context = cfg.max_seq_len
@@ -298,7 +300,9 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig = ServerConfig(),
         if in_flight["n"] >= config.max_concurrent:
             raise ApiError(429, f"too many requests in flight (limit {config.max_concurrent}); retry later",
                            code="rate_limit_exceeded")
-        stops = [tokenizer.encode(s) for s in body.stop_strings()] + ([[eos]] if eos is not None and not body.ignore_eos else [])
+        stops = [tokenizer.encode(s) for s in body.stop_strings()]
+        if eos is not None and not body.ignore_eos:
+            stops.append([eos])
         seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
         try:
             return engine.submit(prompt_ids, max_tokens=max_tokens, sampling=body.sampling(), stop_sequences=stops,
