@@ -1,5 +1,6 @@
 """Data curation: every filter's rule, bad input, the report's balance, prepare -> training corpus."""
 
+import importlib.util
 import json
 import random
 
@@ -231,6 +232,14 @@ def test_prepare_reads_jsonl_and_tfds_and_counts_bad_lines(prepared, tmp_path):
     assert docs and all("<EMAIL>" in d.text for d in docs)
 
 
+def test_an_enormous_jsonl_line_is_counted_without_being_read_whole(tmp_path):
+    huge = json.dumps({"text": "word " * 20_000}).encode()
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "before"}\n' + huge + b'\n{"text": "after"}\n' + huge)
+    docs = list(read_input(tmp_path / "in.jsonl", max_bytes=1000))
+    assert [(d.text, d.problem, d.size_bytes) for d in docs] == [
+        ("before", None, 19), ("", "too_large", len(huge) + 1), ("after", None, 18), ("", "too_large", len(huge))]
+
+
 def test_prepare_refuses_bad_setups_before_reading(raw, tmp_path, capsys):
     (tmp_path / "typo.json").write_text(json.dumps([{"filter": "dedupe"}]))
     assert cli_main(["prepare", "--input", str(raw / "raw"), "--out", str(tmp_path / "o"),
@@ -241,6 +250,15 @@ def test_prepare_refuses_bad_setups_before_reading(raw, tmp_path, capsys):
                      "--chain", str(tmp_path / "nolist.json")]) == 2
     assert "nope.txt does not exist" in capsys.readouterr().err
     assert cli_main(["prepare", "--input", str(tmp_path / "absent"), "--out", str(tmp_path / "o")]) == 2
+    # Settings only the end of a run would use are refused before it starts.
+    refused = [(["--name", "Not-A-Name"], "name must be lowercase"),
+               (["--validation-fraction", "0"], "validation_fraction must be in"),
+               (["--workers", "0"], "workers must be a positive int")]
+    if importlib.util.find_spec("apache_beam") is None:
+        refused.append((["--runner", "beam"], "--runner beam needs the beam extra"))
+    for flags, message in refused:
+        assert cli_main(["prepare", "--input", str(raw / "raw"), "--out", str(tmp_path / "o"), *flags]) == 2
+        assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

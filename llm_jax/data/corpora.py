@@ -178,8 +178,7 @@ def write_documents_corpus(documents: Sequence[str], data_dir: str | os.PathLike
     (`data.source=tfds data.tfds_name=NAME data.data_dir=DATA_DIR`) reads. If the hash split
     leaves validation empty (a handful of documents), the last document validates.
     """
-    _check_settings("hash", validation_fraction, 1)
-    name = _corpus_name(name, [])
+    name = check_documents_corpus(name, validation_fraction)
     version_dir = pathlib.Path(data_dir).expanduser() / name / config / _VERSION
     if version_dir.exists():
         raise FileExistsError(f"{version_dir} already exists: write into a new data_dir or delete it")
@@ -195,6 +194,13 @@ def write_documents_corpus(documents: Sequence[str], data_dir: str | os.PathLike
     _write(name, version_dir, {"train": train, "validation": validation}, stats,
            {"validation_fraction": validation_fraction, "source": config})
     return _read_prepared(name, version_dir)
+
+
+def check_documents_corpus(name: str, validation_fraction: float) -> str:
+    """`write_documents_corpus`'s settings checked (the name returned), so a long curation run
+    can refuse them before it starts rather than after."""
+    _check_settings("hash", validation_fraction, 1)
+    return _corpus_name(name, [])
 
 
 def _check_settings(split: str, validation_fraction: float, min_document_chars: int) -> dict:

@@ -94,18 +94,29 @@ def read_files(paths: Sequence[pathlib.Path], *, root: pathlib.Path | None = Non
 
 
 def read_jsonl(path: pathlib.Path, text_field: str = "text", *, max_bytes: int,
-               invalid_utf8: str = "remove", first_ordinal: int = 0) -> Iterator[Document]:
+               invalid_utf8: str = "remove") -> Iterator[Document]:
     """One document per line of a JSON Lines file; its `id` field, if any, names it."""
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
-            ordinal = first_ordinal + lineno - 1
+        for lineno, (line, size) in enumerate(_bounded_lines(f, max_bytes), start=1):
+            ordinal = lineno - 1
             doc_id = f"{path.name}:{lineno}"
-            if not line.strip():
-                continue  # blank lines are not documents (a trailing newline, spacing)
-            if len(line) > max_bytes:
-                yield Document(doc_id, "", ordinal, len(line), "too_large", f"{len(line):,} bytes > {max_bytes:,}")
-                continue
-            yield _json_document(line, doc_id, ordinal, text_field, invalid_utf8)
+            if line is None:
+                yield Document(doc_id, "", ordinal, size, "too_large", f"{size:,} bytes > {max_bytes:,}")
+            elif line.strip():  # blank lines are not documents (a trailing newline, spacing)
+                yield _json_document(line, doc_id, ordinal, text_field, invalid_utf8)
+
+
+def _bounded_lines(f, max_bytes: int, chunk: int = 1 << 20) -> Iterator[tuple[bytes | None, int]]:
+    """(line, bytes) per line of `f`; a line over `max_bytes` is (None, bytes), skipped in
+    chunks, so one enormous line never has to fit in memory."""
+    while line := f.readline(max_bytes + 1):
+        size = len(line)
+        if size <= max_bytes:
+            yield line, size
+            continue
+        while not line.endswith(b"\n") and (line := f.readline(chunk)):
+            size += len(line)
+        yield None, size
 
 
 def _json_document(line: bytes, doc_id: str, ordinal: int, text_field: str, invalid_utf8: str) -> Document:
