@@ -129,7 +129,7 @@ class CurateDocuments(beam.PTransform):
                      | f"Exact{k}" >> beam.FlatMap(_exact_duplicates)
                      | f"ExactMark{k}" >> beam.Map(lambda m: (m[0], (1.0, 0, m[1]))))
         else:
-            cfg = step.signature.cfg
+            cfg = step.cfg
             bands, rows = dedup.lsh_bands(cfg)
             marks = (alive | f"Bands{k}" >> beam.FlatMap(
                         lambda s: [(key, (s[0].ordinal, s[0].doc_id, s[0].signatures[k]))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import multiprocessing
 import time
 from typing import Any, Callable, Iterable, Iterator
@@ -78,19 +79,12 @@ class Dedup:
     kind = "dedup"
 
     def __init__(self, step: StepConfig, signature: Callable[[str], Any], new_index: Callable[[], Any], rule: str):
-        self.id, self.filter, self.signature, self.new_index, self.rule = (
-            step.id, step.filter, signature, new_index, rule)
+        self.id, self.filter, self.cfg, self.signature, self.new_index, self.rule = (
+            step.id, step.filter, step.settings, signature, new_index, rule)
 
 
-# Builders are module-level classes/functions (not lambdas) so that steps pickle for workers.
-class _Quality:
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def __call__(self, text):
-        return quality.check_quality(text, self.cfg)
-
-
+# Steps are module-level classes and partials of module-level functions (no lambdas or
+# closures), so that a chain pickles for worker processes.
 class _Classify:
     def __init__(self, cfg: classifier.ClassifierConfig):
         from llm_jax.data.curation.documents import read_examples
@@ -140,34 +134,10 @@ class _Decontaminate:
         return Removal("eval_overlap", f"{matches} eval n-gram(s), e.g. {gram[:60]!r}")
 
 
-class _Scrub:
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def __call__(self, text):
-        return privacy.scrub(text, self.cfg)
-
-
-class _Signature:
-    def __init__(self, fn, cfg):
-        self.fn, self.cfg = fn, cfg
-
-    def __call__(self, text):
-        return self.fn(text, self.cfg)
-
-
-class _NewNearIndex:
-    def __init__(self, cfg):
-        self.cfg = cfg
-
-    def __call__(self):
-        return dedup.NearIndex(self.cfg)
-
-
 def build_step(step: StepConfig):
     cfg = step.settings
     if step.filter == "quality":
-        return Filter(step, _Quality(cfg))
+        return Filter(step, functools.partial(quality.check_quality, cfg=cfg))
     if step.filter == "classifier":
         return Filter(step, _Classify(cfg))
     if step.filter == "toxicity":
@@ -175,11 +145,12 @@ def build_step(step: StepConfig):
     if step.filter == "decontamination":
         return Filter(step, _Decontaminate(cfg))
     if step.filter == "privacy":
-        return Transform(step, _Scrub(cfg))
+        return Transform(step, functools.partial(privacy.scrub, cfg=cfg))
     if step.filter == "exact_dedup":
-        return Dedup(step, _Signature(dedup.exact_signature, cfg), dedup.ExactIndex, "duplicate")
+        return Dedup(step, functools.partial(dedup.exact_signature, cfg=cfg), dedup.ExactIndex, "duplicate")
     if step.filter == "near_dedup":
-        return Dedup(step, _Signature(dedup.minhash_signature, cfg), _NewNearIndex(cfg), "near_duplicate")
+        return Dedup(step, functools.partial(dedup.minhash_signature, cfg=cfg), functools.partial(dedup.NearIndex, cfg),
+                     "near_duplicate")
     raise ValueError(f"no step for filter {step.filter!r}")  # config.FILTERS and this list disagree
 
 
@@ -276,6 +247,8 @@ class Chain:
 
     def run(self, documents: Iterable[Document], *, workers: int = 1, batch_size: int = 64) -> Iterator[Document]:
         """The kept documents (cleaned text), in input order; `self.report` counts everything."""
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
         self.report = report = self.new_report()
         report.workers = workers
         indexes = self.new_indexes()
@@ -321,7 +294,7 @@ def _traces(chain: Chain, documents: Iterable[Document], workers: int, batch_siz
     At most 2 batches per worker are in flight, so memory stays bounded however long the
     input is (Pool.imap would read the whole input ahead).
     """
-    if workers <= 1:
+    if workers == 1:
         yield from map(chain.trace, documents)
         return
     # spawn, not fork: the parent may hold threads (tfds, JAX) that fork would copy

@@ -22,7 +22,6 @@ import dataclasses
 import json
 import pathlib
 import re
-import typing
 from typing import Any, Literal, Mapping, Sequence
 
 from llm_jax.data.curation.classifier import ClassifierConfig
@@ -100,8 +99,6 @@ def _build(cls: type, values: Mapping[str, Any], where: str):
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ChainConfigError(f"{where}: unknown keys {unknown}; {cls.__name__} takes {known}")
-    hints = typing.get_type_hints(cls)
-    values = {k: tuple(v) if isinstance(v, list) and "tuple" in str(hints[k]) else v for k, v in values.items()}
     try:
         return cls(**values)
     except ChainConfigError:
