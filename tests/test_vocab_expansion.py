@@ -1,6 +1,7 @@
 """Vocabulary expansion: new sentencepiece pieces, stable ids, grown embeddings, unchanged outputs."""
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -83,3 +84,15 @@ def test_bad_expansions_are_refused(runs, tmp_path):
     with pytest.raises(FileExistsError):
         expand_run(old_dir, ["zzz"], new_dir)
     assert cli_main(["expand-vocab", "--checkpoint", str(old_dir), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_expand_vocab_command_reads_tokens_from_flags_and_a_file(runs, tmp_path, capsys):
+    old_dir, _, _ = runs
+    (tmp_path / "tokens.txt").write_text("kubernetes\n\nxyzzy\n")
+    assert cli_main(["expand-vocab", "--checkpoint", str(old_dir), "--out", str(tmp_path / "new"),
+                     "--token", "def compute", "--tokens-file", str(tmp_path / "tokens.txt")]) == 0
+    v = load_tokenizer(old_dir / "tokenizer").vocab_size
+    out = capsys.readouterr().out
+    for k, token in enumerate(["def compute", "kubernetes", "xyzzy"]):
+        assert re.search(rf"^\s*{v + k}\s+{token!r}", out, re.MULTILINE), out
+    assert load_tokenizer(tmp_path / "new" / "tokenizer").encode("xyzzy") == [v + 2]

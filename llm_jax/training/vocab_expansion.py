@@ -95,9 +95,8 @@ def main_expand_vocab(args) -> int:
     if not tokens:
         raise ValueError("give the tokens to add with --token TEXT (repeat) or --tokens-file FILE")
     out_dir, expansion = expand_run(args.checkpoint, tokens, args.out, step=args.step)
-    for token, split in zip(expansion.tokens, expansion.splits):
-        print(f"{expansion.old_vocab_size + expansion.tokens.index(token):>7d}  {token!r:30s} was {len(split)} "
-              f"pieces {list(split)}")
+    for new_id, (token, split) in enumerate(zip(expansion.tokens, expansion.splits), start=expansion.old_vocab_size):
+        print(f"{new_id:>7d}  {token!r:30s} was {len(split)} pieces {list(split)}")
     if expansion.skipped:
         print(f"already single pieces, not added: {list(expansion.skipped)}")
     print(f"wrote {out_dir} (vocabulary {expansion.old_vocab_size} -> {expansion.tokenizer.vocab_size})")
