@@ -24,6 +24,21 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
+def _run_two_processes(command: list[str]) -> list[str]:
+    """`command` as processes 0 and 1 of one jax.distributed job (two CPU devices each); their stdouts."""
+    port = _free_port()
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=_env(2, LLM_JAX_COORDINATOR=f"127.0.0.1:{port}", LLM_JAX_NUM_PROCESSES="2",
+                                  LLM_JAX_PROCESS_ID=str(i)))
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outputs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outputs]
+
+
 def _losses(output: str) -> dict:
     line = next(line for line in output.splitlines() if line.startswith("LOSSES "))
     return json.loads(line[len("LOSSES "):])
@@ -36,17 +51,7 @@ def test_two_processes_match_one():
     expected = _losses(reference.stdout)
     assert expected["count"] == 1
 
-    port = _free_port()
-    procs = [
-        subprocess.Popen([sys.executable, str(SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(2, LLM_JAX_COORDINATOR=f"127.0.0.1:{port}", LLM_JAX_NUM_PROCESSES="2",
-                                  LLM_JAX_PROCESS_ID=str(i)))
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    results = [_losses(out) for out, _ in outputs]
+    results = [_losses(out) for out in _run_two_processes([sys.executable, str(SCRIPT)])]
     assert sorted(r["process"] for r in results) == [0, 1] and all(r["count"] == 2 for r in results)
     for r in results:
         np.testing.assert_allclose(r["losses"], expected["losses"], rtol=1e-5)
@@ -82,8 +87,11 @@ def test_two_processes_run_the_train_loop_and_write_one_checkpoint(tmp_path):
     """The whole `llm-jax train` loop (data by process, sharded state, collective checkpoint)."""
     import math
 
+    import jax
+
     from llm_jax import experiment
     from llm_jax.data.pipeline import open_corpus
+    from llm_jax.training.checkpoint import load_trained_model
 
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -96,17 +104,9 @@ def test_two_processes_run_the_train_loop_and_write_one_checkpoint(tmp_path):
                  "train.progress_bar=false", "train.tensorboard=false", f"train.run_dir={run_dir}",
                  "mesh.data=2", "mesh.fsdp=2"]
     open_corpus(experiment.load("debug", overrides).data)  # prepared once here, so the two do not race
-    port = _free_port()
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "llm_jax.cli", "train", "--experiment", "debug", *overrides],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=_env(2, LLM_JAX_COORDINATOR=f"127.0.0.1:{port}", LLM_JAX_NUM_PROCESSES="2",
-                                  LLM_JAX_PROCESS_ID=str(i)))
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    losses = [_train_loss(out) for out, _ in outputs]
+    outputs = _run_two_processes([sys.executable, "-m", "llm_jax.cli", "train", "--experiment", "debug", *overrides])
+    losses = [_train_loss(out) for out in outputs]
     assert losses[0] == losses[1] and math.isfinite(losses[0])  # one global loss, seen by both
-    assert (run_dir / "checkpoints" / "3").is_dir()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["3"]
+    _, params, step = load_trained_model(run_dir)  # the collective write is one whole checkpoint
+    assert step == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))
