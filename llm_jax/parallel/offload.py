@@ -46,6 +46,14 @@ def on_host(shardings: Any) -> Any:
     return jax.tree.map(lambda s: s.with_memory_kind(HOST), shardings)
 
 
+def optimizer_state_on_host(state_shardings: Any) -> Any:
+    """A train state's shardings with its optimizer state in pinned host memory (refused
+    on devices without one), for the jitted init and the ahead-of-time compile alike."""
+    opt_shardings = state_shardings.opt_state
+    check_host_offload({d for s in jax.tree.leaves(opt_shardings) for d in s.device_set})
+    return state_shardings.replace(opt_state=on_host(opt_shardings))
+
+
 def is_on_host(shardings: Any) -> bool:
     return any(getattr(s, "memory_kind", None) == HOST for s in jax.tree.leaves(shardings))
 

@@ -360,7 +360,7 @@ def compile_train_step(cfg: ExperimentConfig, devices: Sequence | None = None) -
     fails (or reports its size) here rather than in a launched job.
     """
     from llm_jax.parallel.mesh import make_mesh
-    from llm_jax.parallel.offload import check_host_offload, on_host
+    from llm_jax.parallel.offload import optimizer_state_on_host
     from llm_jax.parallel.pipeline import pipeline_runner
     from llm_jax.parallel.rules import sharding_context
     from llm_jax.training.step import sharded_train_step
@@ -373,8 +373,7 @@ def compile_train_step(cfg: ExperimentConfig, devices: Sequence | None = None) -
     with sharding_context(mesh):
         abstract, shardings = _state_shardings(cfg.model, cfg.optim, cfg.train.steps, cfg.mesh.shard_params, mesh)
         if cfg.mesh.offload_optimizer:
-            check_host_offload(devices)
-            shardings = shardings.replace(opt_state=on_host(shardings.opt_state))
+            shardings = optimizer_state_on_host(shardings)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
         rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
         shape = (cfg.train.batch_size, cfg.data.seq_len)

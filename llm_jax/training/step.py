@@ -188,6 +188,5 @@ def init_sharded_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, tot
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = train_state_shardings(abstract, param_shardings, replicated, shard_params)
     if offload_optimizer:
-        offload.check_host_offload(mesh.devices.flat)
-        shardings = shardings.replace(opt_state=offload.on_host(shardings.opt_state))
+        shardings = offload.optimizer_state_on_host(shardings)
     return jax.jit(init, out_shardings=shardings)(rng)
