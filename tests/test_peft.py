@@ -172,12 +172,17 @@ def test_tuned_only_optimizer_gives_frozen_leaves_no_state_or_update(base_params
     tuned, frozen = peft.attach(base_params, cfg, jax.random.key(2))
     params = peft.combine(tuned, frozen)
     tx = peft.tuned_only(optax.adam(1e-2), cfg)
-    opt_state = tx.init(params)
+
+    @jax.jit
+    def init_and_step(params):
+        opt_state = tx.init(params)
+        updates, _ = tx.update(jax.tree.map(jnp.ones_like, params), opt_state, params)
+        return opt_state, optax.apply_updates(params, updates)
+
+    opt_state, new_params = init_and_step(params)
     n_tuned = sum(x.size for x in jax.tree.leaves(tuned))
     assert sum(x.size for x in jax.tree.leaves(opt_state) if x.ndim > 0) == 2 * n_tuned
-    grads = jax.tree.map(jnp.ones_like, params)
-    updates, _ = tx.update(grads, opt_state, params)
-    new_tuned, new_frozen = peft.split(optax.apply_updates(params, updates), cfg)
+    new_tuned, new_frozen = peft.split(new_params, cfg)
     assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(new_frozen), jax.tree.leaves(frozen)))
     assert not any(bool((a == b).all()) for a, b in zip(jax.tree.leaves(new_tuned), jax.tree.leaves(tuned)))
 
@@ -186,7 +191,7 @@ def test_tuned_only_optimizer_gives_frozen_leaves_no_state_or_update(base_params
 def test_merged_lora_equals_unmerged_and_unmerges(method, base_params, tokens):
     cfg = _cfg(method)
     tuned, frozen = peft.attach(base_params, cfg, jax.random.key(2))
-    tuned = _perturbed(tuned, 0.1)
+    tuned = _perturbed(tuned, 0.3)
     params = peft.combine(tuned, frozen)
     plain_cfg = peft.merge_lora(params, cfg)[0]
     assert plain_cfg.peft.method == "none"

@@ -80,21 +80,27 @@ def plain(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, peft=PeftConfig())
 
 
-def attach(base_params, cfg: ModelConfig, rng: jax.Array):
-    """A PEFT model's (tuned, frozen) from base parameters: fresh tuned ones, the base frozen.
-
-    For QLoRA the frozen kernels come back as NF4; the base must be a plain model with the
-    same shapes as `plain(cfg)`, else a ValueError names the first difference.
-    """
+def check_base(base_params, cfg: ModelConfig) -> None:
+    """Refuse base parameters that are not `plain(cfg)`'s tree, naming the first difference."""
     expected = _flat(abstract_params(plain(cfg)))
     given = _flat(base_params)
     if set(expected) != set(given):
         missing, extra = sorted(set(expected) - set(given)), sorted(set(given) - set(expected))
-        raise ValueError(f"the base parameters do not fit model config: missing {missing[:3]}, unexpected {extra[:3]}")
+        raise ValueError(f"the base parameters do not fit the model config: missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}")
     for k, v in expected.items():
         if tuple(v.shape) != tuple(given[k].shape):
             raise ValueError(f"base parameter {'/'.join(k)} has shape {tuple(given[k].shape)}, the model expects "
                              f"{tuple(v.shape)}")
+
+
+def attach(base_params, cfg: ModelConfig, rng: jax.Array):
+    """A PEFT model's (tuned, frozen) from base parameters: fresh tuned ones, the base frozen.
+
+    For QLoRA the frozen kernels come back as NF4. Full fine-tuning (method none) tunes the
+    base itself: (base, {}).
+    """
+    check_base(base_params, cfg)
     if cfg.peft.method == "none":
         return base_params, {}
     tuned = init_tuned(cfg, rng)

@@ -117,7 +117,7 @@ def _start(cfg: ExperimentConfig, base_params, mesh):
     if model_cfg.peft.method == "none":
         tuned, frozen = base_params, {}
     else:
-        peft.attach(jax.eval_shape(lambda: base_params), model_cfg, init_rng)  # checks the shapes only
+        peft.check_base(base_params, model_cfg)
         # Only the tuned half is an output, so the frozen half of this init is never computed.
         tuned = jax.jit(lambda r: peft.split(init_params(model_cfg, r), model_cfg)[0], out_shardings=tuned_sh)(init_rng)
         frozen = base_params

@@ -154,7 +154,8 @@ def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mes
 
     Only the parameters are read (the optimizer state stays on disk), straight into
     their shardings on `mesh` (heads and MLP split over `tensor`), or onto the first
-    device without one.
+    device without one. A PEFT run (`model.peft.method` set) stores only its tuned
+    parameters; they come back combined with its base run's (`train.init_from`).
     """
     from llm_jax.models import abstract_params
 
