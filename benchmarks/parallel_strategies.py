@@ -41,7 +41,8 @@ from jax.sharding import PartitionSpec  # noqa: E402
 from llm_jax.config import DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from llm_jax.parallel import make_mesh, param_shardings, sharding_context  # noqa: E402
 from llm_jax.parallel.pipeline import PipelineSchedule, pipeline_runner, run_pipeline  # noqa: E402
-from llm_jax.parallel.planner import CompiledMemory, estimate_memory, format_bytes  # noqa: E402
+from llm_jax.parallel.aot import CompiledMemory  # noqa: E402
+from llm_jax.parallel.planner import estimate_memory, format_bytes  # noqa: E402
 from llm_jax.training.step import init_sharded_train_state, sharded_train_step  # noqa: E402
 
 # 8 layers, heads and kv heads, so that every axis can take all 8 devices.

@@ -250,21 +250,15 @@ def cmd_plan(args) -> int:
                                   f"--xla_force_host_platform_device_count={args.devices}".strip()
     import jax
 
-    from llm_jax.parallel import planner
+    from llm_jax.parallel import aot, planner
 
     cfg = _load(args)
     device_bytes = planner.parse_bytes(args.device_memory) if args.device_memory else planner.local_device_memory()
     compiled = None
     if args.compile or args.topology:
-        devices = planner.topology_devices(args.topology) if args.topology else jax.devices()
-        if args.devices and not args.topology:
-            if len(devices) < args.devices:
-                raise ValueError(f"--devices {args.devices}: only {len(devices)} {jax.default_backend()} devices "
-                                 f"here; on CPU start with XLA_FLAGS=--xla_force_host_platform_device_count="
-                                 f"{args.devices}")
-            devices = devices[:args.devices]
+        devices = aot.topology_devices(args.topology) if args.topology else aot.local_devices(args.devices)
         try:
-            compiled = planner.CompiledMemory.of(planner.compile_train_step(cfg, devices))
+            compiled = aot.CompiledMemory.of(aot.compile_train_step(cfg, devices))
         except jax.errors.JaxRuntimeError as e:
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise

@@ -7,7 +7,7 @@ import pytest
 
 from llm_jax.cli import main
 from llm_jax.config import ConfigError, DataConfig, ExperimentConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
-from llm_jax.parallel import planner
+from llm_jax.parallel import aot, planner
 
 BASE = ExperimentConfig(
     name="tiny",
@@ -36,7 +36,7 @@ ZERO1_OVERRIDES = ["mesh.data=2", "mesh.fsdp=4", "mesh.shard_params=false", "mod
 def test_estimate_is_within_15_percent_of_the_compiled_step(name):
     cfg = COMPARED[name]
     estimate = planner.estimate_memory(cfg, 8)
-    compiled = planner.CompiledMemory.of(planner.compile_train_step(cfg))
+    compiled = aot.CompiledMemory.of(aot.compile_train_step(cfg))
     assert compiled.device_total > 0
     assert abs(estimate.device_total / compiled.device_total - 1) <= 0.15, (estimate, compiled)
 
@@ -101,7 +101,7 @@ def test_layouts_that_cannot_work_are_refused_before_compiling(mesh, model, batc
     with pytest.raises(ValueError, match=message):
         planner.estimate_memory(cfg, 8)
     with pytest.raises(ValueError, match=message):
-        planner.compile_train_step(cfg)  # refused before tracing anything
+        aot.compile_train_step(cfg)  # refused before tracing anything
 
 
 def test_sizes_parse_and_bad_ones_are_named():
@@ -114,7 +114,7 @@ def test_sizes_parse_and_bad_ones_are_named():
 
 def test_a_tpu_topology_without_libtpu_says_what_to_do_instead():
     with pytest.raises(ValueError, match=r"--devices N"):
-        planner.topology_devices("v5e:2x2")
+        aot.topology_devices("v5e:2x2")
 
 
 def test_refused_batch_message_lists_microbatch_counts_that_fit():

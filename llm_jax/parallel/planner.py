@@ -19,11 +19,9 @@ the residuals that have a heads, MLP or vocabulary axis. This counts what JAX as
 keep, not XLA's own scratch, so expect the compiler's figure to differ by some percent
 (`benchmarks/README.md` records how much, per strategy).
 
-`compile_train_step` compiles the real step ahead of time against abstract inputs on a mesh
-(of the local devices, N simulated CPU devices, or a TPU topology where libtpu can describe
-one), so `memory_analysis()` checks the estimate and an OOM shows up before a job is
-launched. `propose` searches meshes, remat policies and microbatch counts for settings
-that fit a device memory.
+`llm_jax.parallel.aot` compiles the real step ahead of time, so the compiler's
+`memory_analysis()` checks the estimate. `propose` searches meshes, remat policies and
+microbatch counts for settings that fit a device memory.
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ import dataclasses
 import functools
 import itertools
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +39,9 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 from llm_jax.config import ConfigError, ExperimentConfig, MeshConfig
 from llm_jax.parallel.mesh import MESH_AXES, mesh_shape
 from llm_jax.parallel.pipeline import PipelineSchedule
+
+if TYPE_CHECKING:
+    from llm_jax.parallel.aot import CompiledMemory
 
 GiB = 1024**3
 # Fraction of a device's memory a plan may fill: XLA's own scratch, fragmentation and the
@@ -153,7 +154,7 @@ def _abstract_state(model_cfg, optim_cfg, steps: int):
     return jax.eval_shape(functools.partial(init_train_state, model_cfg, optim_cfg, steps), jax.random.key(0))
 
 
-def _state_shardings(model_cfg, optim_cfg, steps: int, shard_params: bool, mesh):
+def state_shardings(model_cfg, optim_cfg, steps: int, shard_params: bool, mesh):
     """The abstract train state and its shardings on `mesh` (an AbstractMesh will do)."""
     from llm_jax.training.step import train_state_shardings
 
@@ -168,7 +169,7 @@ def _state_shardings(model_cfg, optim_cfg, steps: int, shard_params: bool, mesh)
 
 @functools.lru_cache(maxsize=512)
 def _abstract_state_shardings(model_cfg, optim_cfg, steps: int, shard_params: bool, sizes):
-    return _state_shardings(model_cfg, optim_cfg, steps, shard_params, _abstract_mesh(dict(sizes)))
+    return state_shardings(model_cfg, optim_cfg, steps, shard_params, _abstract_mesh(dict(sizes)))
 
 
 def estimate_memory(cfg: ExperimentConfig, n_devices: int) -> MemoryEstimate:
@@ -312,75 +313,6 @@ def _head_residuals(model_cfg, T: int, rows: int) -> tuple:
 
     jax.eval_shape(probe, abstract_params(cfg), jax.ShapeDtypeStruct((rows, T), jnp.int32))
     return tuple(found)
-
-
-# ------------------------------------------------------------------- ahead of time
-
-
-@dataclasses.dataclass(frozen=True)
-class CompiledMemory:
-    """The compiler's per-device accounting of one compiled step (`memory_analysis()`)."""
-
-    arguments: int  # the train state and the batch
-    outputs: int
-    aliased: int  # outputs written into donated arguments
-    temporaries: int  # gradients, activations and XLA's scratch
-    host: int  # arguments, outputs and temporaries in host memory, where the backend reports them
-
-    @property
-    def device_total(self) -> int:
-        return self.arguments + self.outputs - self.aliased + self.temporaries
-
-    @classmethod
-    def of(cls, compiled: jax.stages.Compiled) -> "CompiledMemory":
-        m = compiled.memory_analysis()
-        if m is None:
-            raise ValueError(f"the {jax.default_backend()} backend reports no memory analysis for compiled code")
-        host = m.host_argument_size_in_bytes + m.host_output_size_in_bytes + m.host_temp_size_in_bytes
-        return cls(arguments=m.argument_size_in_bytes, outputs=m.output_size_in_bytes, aliased=m.alias_size_in_bytes,
-                   temporaries=m.temp_size_in_bytes, host=host)
-
-
-def topology_devices(name: str, platform: str = "tpu") -> list:
-    """Compile-only devices of a topology (e.g. "v5e:4x4") that libtpu can describe."""
-    from jax.experimental import topologies
-
-    try:
-        return list(topologies.get_topology_desc(name, platform).devices)
-    except (RuntimeError, NotImplementedError) as e:
-        raise ValueError(
-            f"cannot describe the {platform} topology {name!r} on this machine ({e}); compile against simulated "
-            f"CPU devices instead (llm-jax plan --compile --devices N)") from None
-
-
-def compile_train_step(cfg: ExperimentConfig, devices: Sequence | None = None) -> jax.stages.Compiled:
-    """The train step of `cfg`, compiled ahead of time for `devices` from abstract inputs only.
-
-    No parameter, optimizer state or batch is allocated, so a step too big for the devices
-    fails (or reports its size) here rather than in a launched job.
-    """
-    from llm_jax.parallel.mesh import make_mesh
-    from llm_jax.parallel.offload import optimizer_state_on_host
-    from llm_jax.parallel.pipeline import pipeline_runner
-    from llm_jax.parallel.rules import sharding_context
-    from llm_jax.training.step import sharded_train_step
-
-    devices = list(jax.devices() if devices is None else devices)
-    check_layout(cfg, len(devices))
-    mesh = make_mesh(cfg.mesh, devices=devices)
-    micro = cfg.train.batch_size // cfg.train.microbatches
-    runner = pipeline_runner(mesh, cfg.mesh, cfg.model.n_layers, micro)
-    with sharding_context(mesh):
-        abstract, shardings = _state_shardings(cfg.model, cfg.optim, cfg.train.steps, cfg.mesh.shard_params, mesh)
-        if cfg.mesh.offload_optimizer:
-            shardings = optimizer_state_on_host(shardings)
-        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-        rows = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
-        shape = (cfg.train.batch_size, cfg.data.seq_len)
-        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rows) for k in ("inputs", "targets")}
-        step = sharded_train_step(state, rows, model_cfg=cfg.model, microbatches=cfg.train.microbatches,
-                                  z_loss=cfg.train.z_loss, layer_runner=runner)
-        return step.lower(state, batch).compile()
 
 
 # ----------------------------------------------------------------------------- propose
