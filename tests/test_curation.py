@@ -135,6 +135,8 @@ def test_chain_config_errors_name_the_problem(tmp_path):
     assert [s.id for s in two.steps] == ["classifier", "toxicity_classifier"]
     with pytest.raises(ChainConfigError, match="threshold"):
         parse_chain([{"filter": "near_dedup", "threshold": 1.5}])
+    with pytest.raises(ChainConfigError, match="not both"):
+        parse_chain([{"filter": "classifier", "model": "q.npz", "good": "g.txt", "bad": "b.txt"}])
     with pytest.raises(FileNotFoundError, match="word list .*missing.txt"):
         Chain(parse_chain([{"filter": "toxicity", "word_list": str(tmp_path / "missing.txt")}]))
     with pytest.raises(FileNotFoundError, match="good-example file|good"):

@@ -37,6 +37,9 @@ class ClassifierConfig:
     text_field: str = "text"
 
     def __post_init__(self):
+        if self.model is not None and (self.good is not None or self.bad is not None):
+            raise ValueError("classifier takes 'model' or 'good' and 'bad' example files, not both (a saved "
+                             "model is not retrained, so the examples would be ignored)")
         if self.model is None and (self.good is None or self.bad is None):
             raise ValueError("classifier needs either 'model' (a saved classifier) or both 'good' and 'bad' "
                              "example files")
