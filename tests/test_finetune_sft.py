@@ -17,6 +17,7 @@ from llm_jax.finetune import data as sft_data
 from llm_jax.finetune.sft import finetune, finetune_config
 from llm_jax.interop.convert import write_run_dir
 from llm_jax.models import abstract_params
+from llm_jax.models.lora import NF4_MAX_ERROR, NF4Tensor
 from llm_jax.training.checkpoint import load_trained_model
 
 TOKENIZER = CharTokenizer(sorted(set(chr(c) for c in range(32, 127)) | {"\n"}))
@@ -123,13 +124,15 @@ def runs(tmp_path_factory):
     full = finetune(finetune_config(base, common + [f"train.run_dir={root / 'full'}", "train.steps=100",
                                                     "train.eval_every=100", "train.checkpoint_every=100"]),
                     print_fn=lambda _: None)
-    # A few LoRA steps, no evaluation or samples: this run is for its checkpoint.
-    lora = finetune(finetune_config(base, common + [f"train.run_dir={root / 'lora'}", "train.steps=3",
-                                                    "optim.warmup_steps=1", "model.peft.method=lora",
-                                                    "model.peft.lora_targets=all", "train.eval_steps=0",
-                                                    "train.sample_tokens=0"]),
-                    print_fn=lambda _: None)
-    return root, full, lora
+    # A few QLoRA steps on a data x fsdp x tensor mesh, no evaluation or samples: this run
+    # is for its checkpoint (and the sharded NF4 base).
+    qlora = finetune(finetune_config(base, common + [f"train.run_dir={root / 'qlora'}", "train.steps=3",
+                                                     "optim.warmup_steps=1", "model.peft.method=qlora",
+                                                     "model.peft.lora_targets=all", "model.peft.qlora_group_size=32",
+                                                     "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
+                                                     "train.eval_steps=0", "train.sample_tokens=0"]),
+                     print_fn=lambda _: None)
+    return root, full, qlora
 
 
 def test_sft_learns_to_answer_in_the_template(runs):
@@ -138,23 +141,25 @@ def test_sft_learns_to_answer_in_the_template(runs):
     assert full.samples and all(answer == reference for _, reference, answer in full.samples)
 
 
-def test_lora_checkpoint_holds_only_tuned_params_and_composes_with_the_base(runs, capsys):
-    root, _, lora = runs
-    assert 0 < lora.tuned_params < lora.total_params / 5
-    step_dir = sorted((root / "lora" / "checkpoints").glob("[0-9]*"))[-1]
+def test_qlora_checkpoint_holds_only_tuned_params_and_composes_with_the_base(runs, capsys):
+    root, _, qlora = runs
+    assert 0 < qlora.tuned_params < qlora.total_params / 5
+    step_dir = sorted((root / "qlora" / "checkpoints").glob("[0-9]*"))[-1]
     saved = ocp.PyTreeCheckpointer().metadata(step_dir / "state").item_metadata["params"]
     names = {jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(
         saved, is_leaf=lambda x: not isinstance(x, dict))[0]}
     assert names and all("['lora']" in n for n in names), sorted(names)[:5]
 
-    cfg, params, _ = load_trained_model(root / "lora")
-    assert cfg.model.peft.method == "lora" and cfg.train.init_from == str(root / "base")
-    base_cfg, base_params, _ = load_trained_model(root / "base")
-    assert params["embed"]["embedding"].shape == base_params["embed"]["embedding"].shape
-    np.testing.assert_array_equal(params["layers"]["mlp"]["wo"]["kernel"], base_params["layers"]["mlp"]["wo"]["kernel"])
-    assert "lora" in params["layers"]["attention"]["query"]
+    cfg, params, _ = load_trained_model(root / "qlora")
+    assert cfg.model.peft.method == "qlora" and cfg.train.init_from == str(root / "base")
+    _, base_params, _ = load_trained_model(root / "base")
+    np.testing.assert_array_equal(params["embed"]["embedding"], base_params["embed"]["embedding"])
+    wo, base_wo = params["layers"]["mlp"]["wo"]["kernel"], base_params["layers"]["mlp"]["wo"]["kernel"]
+    assert isinstance(wo, NF4Tensor)  # the base, quantized again on load
+    np.testing.assert_allclose(wo.dequantize(), base_wo, atol=float(np.abs(base_wo).max()) * NF4_MAX_ERROR + 1e-7)
+    assert np.abs(np.asarray(params["layers"]["attention"]["query"]["lora"]["b"])).max() > 0  # trained
 
-    assert cli.main(["generate", "--checkpoint", str(root / "lora"), "--prompt", "sound of cat", "--chat",
+    assert cli.main(["generate", "--checkpoint", str(root / "qlora"), "--prompt", "sound of cat", "--chat",
                      "max_new_tokens=4", "temperature=0"]) == 0
     assert "### Assistant:" in capsys.readouterr().out
 
