@@ -10,7 +10,7 @@ from llm_jax.cli import main as cli_main
 from llm_jax.data.curation import Chain, ChainConfigError, Document, parse_chain
 from llm_jax.data.curation import classifier, dedup, privacy, quality, toxicity
 from llm_jax.data.curation.decontamination import contamination, eval_ngrams
-from llm_jax.data.curation.documents import read_input
+from llm_jax.data.curation.documents import read_files, read_input
 
 WORDS = ("river mountain forest garden window morning evening teacher student library market village "
          "harbor bridge castle meadow summer winter autumn spring letter journey history science music "
@@ -232,6 +232,12 @@ def test_prepare_reads_jsonl_and_tfds_and_counts_bad_lines(prepared, tmp_path):
     assert report["totals"]["kept_docs"] == 4
     docs = list(read_input("tiny", "tfds", data_dir=str(prepared), split="train"))
     assert docs and all("<EMAIL>" in d.text for d in docs)
+
+
+def test_a_file_that_cannot_be_read_is_counted_as_unreadable(tmp_path):
+    (tmp_path / "kept.txt").write_text("some text")
+    docs = list(read_files([tmp_path / "vanished.txt", tmp_path / "kept.txt"], root=tmp_path, max_bytes=1000))
+    assert [(d.id, d.problem, d.text) for d in docs] == [("vanished.txt", "unreadable", ""), ("kept.txt", None, "some text")]
 
 
 def test_an_enormous_jsonl_line_is_counted_without_being_read_whole(tmp_path):

@@ -20,7 +20,7 @@ import pathlib
 from typing import Iterator, Literal, Sequence
 
 # Problems a reader can find in one document (each becomes the removal reason input:<problem>).
-PROBLEMS = ("binary", "invalid_utf8", "bad_json", "missing_field", "too_large")
+PROBLEMS = ("binary", "invalid_utf8", "bad_json", "missing_field", "too_large", "unreadable")
 InputFormat = Literal["auto", "directory", "text", "jsonl", "tfds"]
 
 # Bytes looked at to decide whether a file is binary: a NUL byte, or many control
@@ -88,7 +88,7 @@ def read_files(paths: Sequence[pathlib.Path], *, root: pathlib.Path | None = Non
                 continue
             raw = path.read_bytes()
         except OSError as e:  # unreadable (permissions, vanished): counted, not fatal
-            yield Document(doc_id, "", ordinal, 0, "binary", f"unreadable: {e.strerror or e}")
+            yield Document(doc_id, "", ordinal, 0, "unreadable", e.strerror or str(e))
             continue
         yield decode(raw, doc_id, ordinal, invalid_utf8)
 
