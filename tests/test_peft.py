@@ -14,7 +14,7 @@ from llm_jax.config import ConfigError, MeshConfig, ModelConfig, OptimConfig, Pe
 from llm_jax.finetune import peft
 from llm_jax.finetune import step as ft_step
 from llm_jax.inference import generate
-from llm_jax.models import KVCache, Transformer, abstract_params, init_params
+from llm_jax.models import KVCache, Transformer, abstract_params
 from llm_jax.models.lora import NF4_MAX_ERROR, NF4Tensor, quantize_nf4
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.rules import param_shardings
