@@ -162,7 +162,7 @@ def raw(tmp_path_factory):
     (docs / "toxic.txt").write_text(prose(51, 30) + " badword badword badword badword")
     (docs / "leaked.txt").write_text(prose(52, 40) + " what is the boiling point of water at sea level in degrees"
                                                      " celsius on earth")
-    (docs / "short.txt").write_text("Too short to be a document.")
+    (docs / "short.txt").write_text("Too short to be a document. Mail short@example.org.")  # removed before privacy
     (docs / "empty.txt").write_text("  \n\n ")
     (docs / "image.bin").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(range(256)))
     (docs / "latin1.txt").write_bytes(("caf\xe9 " + prose(53)).encode("latin-1"))
@@ -204,6 +204,10 @@ def test_prepare_counts_every_document_once(prepared, capsys):
     assert privacy_step["counts"] == {"email": 14}  # the 12 kept and the 2 duplicates, scrubbed before dedup
     examples = next(s for s in report["steps"] if s["id"] == "exact_dedup")["removed"]["duplicate"]["examples"]
     assert examples[0]["id"] == "good_03_copy.txt" and "good_03.txt" in examples[0]["detail"]
+    # Removed before the privacy step, shown in the report as privacy would have left it.
+    short = next(s for s in report["steps"] if s["id"] == "quality")["removed"]["word_count"]["examples"][0]
+    assert short["id"] == "short.txt" and short["text"] == "Too short to be a document. Mail <EMAIL>."
+    assert "@example.org" not in (prepared / "report.json").read_text()
 
 
 def test_prepared_corpus_is_what_training_reads(prepared):

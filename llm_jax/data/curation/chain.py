@@ -35,6 +35,11 @@ from llm_jax.data.curation.quality import Removal
 from llm_jax.data.curation.report import EXCERPT_CHARS, Report
 
 
+# Characters past an excerpt that are scrubbed with it: a 4096-bit RSA private key block
+# in PEM is ~3,300.
+_SCRUB_WINDOW = 4096
+
+
 def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", "surrogatepass"))
 
@@ -203,7 +208,7 @@ class Chain:
             try:
                 if step.kind == "dedup":
                     trace.signatures[i] = step.signature(text)
-                    trace.excerpts[i] = text[:EXCERPT_CHARS]
+                    trace.excerpts[i] = self._excerpt(text, i)
                 elif step.kind == "transform":
                     new_text, counts = step.apply(text)
                     if counts:
@@ -219,11 +224,28 @@ class Chain:
         trace.sizes.append(size)  # what leaves the last step
         return trace
 
-    @staticmethod
-    def _stopped(trace: Trace, i: int, removal: Removal, text: str) -> Trace:
+    def _stopped(self, trace: Trace, i: int, removal: Removal, text: str) -> Trace:
         trace.stop, trace.removal, trace.text = i, removal, ""
-        trace.excerpts[i] = text[:EXCERPT_CHARS]
+        trace.excerpts[i] = self._excerpt(text, i)
         return trace
+
+    def _excerpt(self, text: str, i: int) -> str:
+        """The start of `text` entering step i, for the report's examples, as the transforms
+        from step i on would leave it: report.json must not show the e-mails and keys that
+        a privacy step later in the chain keeps out of the corpus. A window well past the
+        excerpt is scrubbed (an address or a key block cut by the excerpt's end would not
+        match), not the whole text (it may be one enormous line); if a transform fails on
+        it, the excerpt is withheld."""
+        transforms = [step for step in self.steps[i:] if step.kind == "transform"]
+        if not transforms:
+            return text[:EXCERPT_CHARS]
+        text = text[:EXCERPT_CHARS + _SCRUB_WINDOW]
+        try:
+            for step in transforms:
+                text = step.apply(text)[0]
+        except Exception:  # noqa: BLE001 - the document's own removal already says what went wrong
+            return ""
+        return text[:EXCERPT_CHARS]
 
     def new_indexes(self) -> dict[int, Any]:
         return {i: s.new_index() for i, s in enumerate(self.steps) if s.kind == "dedup"}
