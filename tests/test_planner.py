@@ -88,6 +88,15 @@ def test_offloading_moves_bytes_from_device_to_host():
                                              remat="offload_attention_mlp_out"), 8)
     assert offloaded.optimizer == 0 and offloaded.host > plain.optimizer
     assert offloaded.activations < plain.activations
+    # The state still visits the device for the update: where it outweighs the activations
+    # (freed by then), offloading saves only the difference.
+    wide_and_short = dataclasses.replace(_cfg(MeshConfig(data=2, fsdp=4), d_model=256, d_ff=1024),
+                                         data=DataConfig(seq_len=8), train=dataclasses.replace(BASE.train, batch_size=8))
+    plain = planner.estimate_memory(wide_and_short, 8)
+    offloaded = planner.estimate_memory(dataclasses.replace(
+        wide_and_short, mesh=MeshConfig(data=2, fsdp=4, offload_optimizer=True)), 8)
+    assert plain.optimizer > plain.activations and offloaded.host == plain.optimizer
+    assert offloaded.device_total == plain.params + plain.gradients + plain.optimizer
 
 
 @pytest.mark.parametrize("mesh, model, batch, message", [

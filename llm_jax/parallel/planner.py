@@ -5,8 +5,10 @@
     params       every parameter's shard under the mesh and rules (ZeRO-1: unsplit over fsdp)
     gradients    shaped and split like the parameters (twice that with gradient accumulation:
                  the microbatch's gradients plus the running sum)
-    optimizer    the optimizer state's shards (Adam's moments follow their parameter), unless
-                 `mesh.offload_optimizer` parks it in pinned host memory
+    optimizer    the optimizer state's shards (Adam's moments follow their parameter); with
+                 `mesh.offload_optimizer` it lives in pinned host memory but visits the device
+                 for the update, after the backward pass has freed the activations, so only
+                 what it needs beyond the activations' bytes counts
     activations  what the backward pass keeps: the residuals JAX saves for one layer under
                  the remat policy, times the layers this device runs, plus the output head's,
                  plus the working set of one layer's backward (its full residuals, which remat
@@ -181,9 +183,11 @@ def estimate_memory(cfg: ExperimentConfig, n_devices: int) -> MemoryEstimate:
     optimizer = _bytes_per_device(abstract.opt_state, shardings.opt_state)
     gradients = params * (2 if cfg.train.microbatches > 1 else 1)
     device_acts, host_acts = _activations(cfg, sizes)
-    host = host_acts + (optimizer if cfg.mesh.offload_optimizer else 0)
-    return MemoryEstimate(params=params, gradients=gradients, optimizer=0 if cfg.mesh.offload_optimizer else optimizer,
-                          activations=device_acts, host=host)
+    if not cfg.mesh.offload_optimizer:
+        return MemoryEstimate(params=params, gradients=gradients, optimizer=optimizer, activations=device_acts,
+                              host=host_acts)
+    return MemoryEstimate(params=params, gradients=gradients, optimizer=max(0, optimizer - device_acts),
+                          activations=device_acts, host=host_acts + optimizer)
 
 
 def _activations(cfg: ExperimentConfig, sizes: Mapping[str, int]) -> tuple[int, int]:
