@@ -246,3 +246,20 @@ def test_count_tuned_is_a_small_fraction():
     # query: D x r + r x (N H), value: D x r + r x (K H), per layer.
     expected = BASE.n_layers * (32 * 2 + 2 * 32 + 32 * 2 + 2 * 16)
     assert n_tuned == expected and n_total > 10 * n_tuned
+
+
+def test_lora_dropout_applies_in_training_only(base_params):
+    plain = _cfg("lora")
+    cfg = _cfg("lora", lora_dropout=0.5)  # the same parameters as `plain`'s
+    tuned, frozen = peft.attach(base_params, plain, jax.random.key(2))
+    tuned, batch = _perturbed(tuned, 0.3), _batch()
+    loss = jax.jit(lambda rng: ft_step.summed_loss(tuned, frozen, batch, rng, cfg)[0])
+    evaluate = jax.jit(lambda: ft_step.summed_loss(tuned, frozen, batch, None, cfg)[0])
+    assert float(loss(jax.random.key(0))) != float(loss(jax.random.key(1)))  # a new mask per rng
+    np.testing.assert_allclose(float(evaluate()), float(_forward_loss(plain, tuned, frozen, batch)), rtol=1e-5)
+
+
+def _forward_loss(cfg, tuned, frozen, batch):
+    """The summed loss without dropout, from the plain forward pass."""
+    logits = _forward(cfg, peft.combine(tuned, frozen), batch["inputs"])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).sum()
