@@ -182,6 +182,11 @@ def finetune(cfg: ExperimentConfig, *, print_fn: Callable[[str], None] = print) 
     train_iter = iter(sft_data.sft_batches(train_examples, train=True, seed=cfg.train.seed, **pipeline))
     val_batches = list(sft_data.sft_batches(val_examples, train=False, **pipeline))[: cfg.train.eval_steps or None] \
         if val_examples and cfg.train.eval_steps else []
+    too_long = sum(len(sft_data.encode(m, template, tokenizer)[0]) > seq_len + 1 for m in train_examples)
+    if too_long:  # kept, cut at their end (their answers lose their tail, or all of it)
+        print_fn(f"warning: {too_long} of {len(train_examples)} training examples are longer than data.seq_len + 1 = "
+                 f"{seq_len + 1} tokens and are cut to that length; raise data.seq_len (up to model.max_seq_len="
+                 f"{cfg.model.max_seq_len}) to keep them whole")
     n_tuned, n_total = peft.count_tuned(cfg.model)
     print_fn(f"fine-tuning {base_dir} with model.peft.method={cfg.model.peft.method}: {n_tuned:,} of {n_total:,} "
              f"parameters train ({n_tuned / n_total:.2%}); {len(train_examples):,} training and "
