@@ -22,7 +22,7 @@ import numpy as np
 from llm_jax.config import ModelConfig
 from llm_jax.inference.quantize import dequantize_params
 from llm_jax.inference.sampling import SamplingParams, sample
-from llm_jax.models import KVCache, Transformer
+from llm_jax.models import KVCache, Transformer, unstack_layer_params
 from llm_jax.models.layers import compute_dtype
 
 _NOT_GENERATED = -1  # in the output buffer: no token (row finished earlier)
@@ -89,8 +89,31 @@ def _match_stop(recent_BM, stops_SM):
     return jnp.max(jnp.where(hit_BS, lengths_S[None], 0), axis=-1, initial=0)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops_SM, until_step):
+def _is_greedy(sp: SamplingParams) -> bool:
+    """Every row greedy with no penalties: `sample` then reduces to an argmax (checked on the host)."""
+    temperature, rep, presence = jax.device_get((sp.temperature, sp.repetition_penalty, sp.presence_penalty))
+    return bool(np.all(temperature == 0) and np.all(rep == 1) and np.all(presence == 0))
+
+
+def _unrolled(params, cfg: ModelConfig):
+    """The layer stack unrolled (`scan_layers=False`), its weights split once, outside the loop.
+
+    Each step of a scanned stack slices (copies) every layer's weights out of the stacked
+    arrays before its matmuls, which triples the weight traffic of a memory-bound step.
+    Quantized weights (dataclass leaves) keep the scan, so they stay quantized in memory.
+    """
+    plain = all(not dataclasses.is_dataclass(x) for x in jax.tree.leaves(params, is_leaf=dataclasses.is_dataclass))
+    if not cfg.scan_layers or not plain:
+        return params, cfg
+    return unstack_layer_params(params, cfg.n_layers), dataclasses.replace(cfg, scan_layers=False)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy"), donate_argnames=("state",))
+def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops_SM, until_step,
+            greedy: bool = False):
+    """Decode until `until_step` or every row is done. `greedy=True` (see `_is_greedy`) takes the
+    argmax directly: no sort, no draw, and no penalty counts (they stay as they were)."""
+    params, cfg = _unrolled(params, cfg)
     model = Transformer(cfg)
     rows = jnp.arange(state.done.shape[0])
 
@@ -99,7 +122,11 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
 
     def body(s: DecodeState):
         key, draw_key = jax.random.split(s.key)
-        token_B = jnp.where(s.done, _NOT_GENERATED, sample(s.logits, draw_key, sp, s.counts))
+        if greedy:
+            next_B = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
+        else:
+            next_B = sample(s.logits, draw_key, sp, s.counts)
+        token_B = jnp.where(s.done, _NOT_GENERATED, next_B)
         live_B = ~s.done
         recent = jnp.concatenate([s.recent[:, 1:], token_B[:, None]], axis=1)
         stop_len = jnp.where(live_B, _match_stop(recent, stops_SM), s.stop_len)
@@ -115,7 +142,7 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
             done=s.done | (stop_len > 0),
             stop_len=stop_len,
             recent=recent,
-            counts=s.counts.at[rows, feed_B].add(live_B.astype(jnp.int32)),
+            counts=s.counts if greedy else s.counts.at[rows, feed_B].add(live_B.astype(jnp.int32)),
             key=key,
         )
 
@@ -193,10 +220,11 @@ def stream(
     )
     emitted = [0] * B
     hold_back = stops.shape[1] - 1
+    greedy = _is_greedy(sampling)
     until = 0
     while True:
         until = min(until + stream_interval, max_new_tokens)
-        state = _decode(params, cfg, state, sampling, stops, until)
+        state = _decode(params, cfg, state, sampling, stops, until, greedy=greedy)
         tokens, done, stop_len = jax.device_get((state.tokens, state.done, state.stop_len))
         finished = bool(done.all()) or int(state.step) >= max_new_tokens
         new = []

@@ -40,8 +40,13 @@ class KVCache:
     prefix:     [B, S] bool      which filled slots are prefix tokens (prefix-LM only)
     k_scale, v_scale: [L, B, S, K] f32 per-token, per-head scales of an int8 cache, else None
 
-    Writing past `max_len` cannot be detected inside jit (the write index is clamped), so
-    callers check lengths before decoding, as `llm_jax.inference.generate` does.
+    As with the paged cache (models/paged.py), the layers only read the cache (through the
+    `CacheWrite` plan in their AttentionContext) and return their new entries; the cache
+    writes all layers' at once, after the last layer. Threading the cache through the layer
+    scan instead made XLA copy all of it every decoding step.
+
+    Writes past `max_len` cannot be detected inside jit (they are dropped), so callers check
+    lengths before decoding, as `llm_jax.inference.generate` does.
     """
 
     k: jax.Array
@@ -72,14 +77,23 @@ class KVCache:
             v_scale=scale,
         )
 
-    def layer_entries(self) -> tuple:
-        """What each layer reads and writes, stacked over layers: (k, v[, k_scale, v_scale])."""
+    def stored(self) -> tuple:
+        """The stored arrays, stacked over layers: (k, v[, k_scale, v_scale])."""
         if self.k_scale is None:
             return (self.k, self.v)
         return (self.k, self.v, self.k_scale, self.v_scale)
 
+    def layer_entries(self) -> tuple:
+        """Each layer's entry is just its index into the stored arrays (see CacheWrite)."""
+        return (jnp.arange(self.k.shape[0]),)
+
+    def write_plan(self, q_pos_BT: jax.Array) -> "CacheWrite":
+        del q_pos_BT  # a row's new tokens go to consecutive slots from `end`
+        return CacheWrite(start_B=self.end, stored=self.stored())
+
     def with_layer_entries(self, entries: tuple, end: jax.Array, prefix: jax.Array) -> "KVCache":
-        k, v, *scales = entries
+        """Write every layer's new entries, each [L, B, T, ...], at each row's `end`: one scatter per array."""
+        k, v, *scales = (_write(c, n, self.end) for c, n in zip(self.stored(), entries))
         k_scale, v_scale = scales if scales else (None, None)
         return self.replace(k=k, v=v, k_scale=k_scale, v_scale=v_scale, end=end, prefix=prefix)
 
@@ -89,13 +103,21 @@ class KVCache:
 
 
 @flax.struct.dataclass
+class CacheWrite:
+    """What attention needs to read a dense KVCache: the `write_at` of its AttentionContext."""
+
+    start_B: jax.Array  # [B] slot of each row's first new token
+    stored: tuple  # KVCache.stored(): (k, v[, k_scale, v_scale]), stacked over layers
+
+
+@flax.struct.dataclass
 class AttentionContext:
     """Per-forward-pass attention inputs shared by all layers."""
 
     q_pos: jax.Array  # [B, T] positions of the queries (RoPE angles)
     mask: jax.Array  # [B, 1, T, S] bool
     bias: jax.Array | None  # [B, N, T, S] f32 (ALiBi / relative buckets) or None
-    write_at: jax.Array | None  # [B] cache slot of the first new token (a PagedWrite for a paged cache), None without cache
+    write_at: CacheWrite | PagedWrite | None  # how to read the cache (dense or paged), None without one
 
 
 def attention_mask(
@@ -151,6 +173,8 @@ def _attend_einsum(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, dropout: nn.Dro
     B, T, N, H = q_BTNH.shape
     K = k_BSKH.shape[2]
     q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    if T == 1 and dropout is None:  # one decoding step
+        return _attend_one_query(q_BTKGH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS)
     # Scores accumulate in f32 even when q and k are bf16.
     scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH, preferred_element_type=jnp.float32) * H**-0.5
     if bias_BNTS is not None:
@@ -163,19 +187,51 @@ def _attend_einsum(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS, dropout: nn.Dro
     return out.reshape(B, T, N, H)
 
 
+def _attend_one_query(q_B1KGH, k_BSKH, v_BSKH, mask_B11S, bias_BN1S):
+    """`_attend_einsum` for a single query per row, as multiply-and-sum reductions.
+
+    Written as reductions rather than batched [G, H] x [H, S] dots, which XLA:CPU runs
+    poorly at this size. XLA fuses the layer's read out of the stacked cache and the
+    new token's select (`_with_new`) into the one transposed copy that feeds them.
+    """
+    B, _, K, G, H = q_B1KGH.shape
+    q_BKG1H = jnp.moveaxis(q_B1KGH, 1, 3).astype(jnp.float32)
+    k_BK1SH = jnp.moveaxis(k_BSKH, 2, 1)[:, :, None].astype(jnp.float32)
+    scores = jnp.sum(q_BKG1H * k_BK1SH, axis=-1)[:, :, :, None] * H**-0.5  # [B, K, G, 1, S]
+    if bias_BN1S is not None:
+        scores = scores + bias_BN1S.reshape(B, K, G, 1, -1)
+    scores = jnp.where(mask_B11S[:, :, None], scores, _MASKED)
+    probs_BKGS = jax.nn.softmax(scores, axis=-1)[:, :, :, 0]
+    v_BK1SH = jnp.moveaxis(v_BSKH, 2, 1)[:, :, None].astype(jnp.float32)
+    out_BKGH = jnp.sum(probs_BKGS[..., None] * v_BK1SH, axis=3).astype(v_BSKH.dtype)
+    return out_BKGH.reshape(B, 1, K * G, H)
+
+
 def _attend_dot_product(q_BTNH, k_BSKH, v_BSKH, mask_B1TS, bias_BNTS):
     """`jax.nn.dot_product_attention`: XLA on CPU/TPU, cuDNN flash attention on GPUs."""
     bias = None if bias_BNTS is None else bias_BNTS.astype(q_BTNH.dtype)
     return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, bias=bias, mask=mask_B1TS)
 
 
-def _write(cache_BS_, new_BT_, start_B):
-    """Write each row's new entries (any trailing shape) at its own offset along axis 1."""
+def _write(cache_LBS_, new_LBT_, start_B):
+    """Write each row's new entries (any trailing shape) at its own slots start..start+T-1, all layers at once."""
+    B, T = new_LBT_.shape[1:3]
+    slots_BT = start_B[:, None] + jnp.arange(T)[None, :]
+    return cache_LBS_.at[:, jnp.arange(B)[:, None], slots_BT].set(new_LBT_.astype(cache_LBS_.dtype), mode="drop")
 
-    def write_row(c, n, s):
-        return jax.lax.dynamic_update_slice(c, n, (s,) + (0,) * (c.ndim - 1))
 
-    return jax.vmap(write_row)(cache_BS_, new_BT_, start_B)
+def _with_new(cached_BS_, new_BT_, start_B):
+    """A layer's cached entries with its new ones in slots start..start+T-1, as one select.
+
+    Elementwise, so XLA fuses it, and the read of the layer out of the stacked cache, into
+    the copy that lays the keys out for attention: no other copy of the layer's cache.
+    """
+    S, T = cached_BS_.shape[1], new_BT_.shape[1]
+    offset_BS = jnp.arange(S)[None, :] - start_B[:, None]
+    index_BS = jnp.clip(offset_BS, 0, T - 1).reshape(offset_BS.shape + (1,) * (new_BT_.ndim - 2))
+    new_BS_ = jnp.take_along_axis(new_BT_, index_BS, axis=1) if T > 1 else new_BT_
+    fresh_BS = ((offset_BS >= 0) & (offset_BS < T)).reshape(index_BS.shape)
+    return jnp.where(fresh_BS, new_BS_.astype(cached_BS_.dtype), cached_BS_)
 
 
 def quantize_int8(x_BTKH):
@@ -185,19 +241,22 @@ def quantize_int8(x_BTKH):
     return q.astype(jnp.int8), scale_BTK
 
 
-def _update_cache(kv, k_BTKH, v_BTKH, write_at, dtype):
-    """Write the new keys/values into this layer's cache entry; return (k, v) to attend and the entry."""
-    if isinstance(write_at, PagedWrite):  # a page pool read through page tables (models/paged.py)
-        return paged_update(kv, k_BTKH, v_BTKH, write_at, dtype)
-    if len(kv) == 2:
-        k_cache = _write(kv[0], k_BTKH.astype(kv[0].dtype), write_at)
-        v_cache = _write(kv[1], v_BTKH.astype(kv[1].dtype), write_at)
-        return k_cache.astype(dtype), v_cache.astype(dtype), (k_cache, v_cache)
+def _update_cache(kv, k_BTKH, v_BTKH, plan, dtype):
+    """This layer's keys/values to attend (cache plus new tokens) and its new entries for the cache."""
+    if isinstance(plan, PagedWrite):  # a page pool read through page tables (models/paged.py)
+        return paged_update(kv, k_BTKH, v_BTKH, plan, dtype)
+    (layer,) = kv
+    cached = tuple(a[layer] for a in plan.stored)
+    if len(cached) == 2:
+        new = (k_BTKH.astype(cached[0].dtype), v_BTKH.astype(cached[1].dtype))
+        k_BSKH, v_BSKH = (_with_new(c, n, plan.start_B).astype(dtype) for c, n in zip(cached, new))
+        return k_BSKH, v_BSKH, new
     (kq, ks), (vq, vs) = quantize_int8(k_BTKH), quantize_int8(v_BTKH)
-    entry = (_write(kv[0], kq, write_at), _write(kv[1], vq, write_at), _write(kv[2], ks, write_at), _write(kv[3], vs, write_at))
-    k_BSKH = (entry[0].astype(jnp.float32) * entry[2][..., None]).astype(dtype)
-    v_BSKH = (entry[1].astype(jnp.float32) * entry[3][..., None]).astype(dtype)
-    return k_BSKH, v_BSKH, entry
+    new = (kq, vq, ks, vs)
+    k_q, v_q, k_s, v_s = (_with_new(c, n, plan.start_B) for c, n in zip(cached, new))
+    k_BSKH = (k_q.astype(jnp.float32) * k_s[..., None]).astype(dtype)
+    v_BSKH = (v_q.astype(jnp.float32) * v_s[..., None]).astype(dtype)
+    return k_BSKH, v_BSKH, new
 
 
 class Attention(nn.Module):
@@ -211,9 +270,9 @@ class Attention(nn.Module):
     def __call__(self, x_BTD, ctx: AttentionContext, kv=None):
         """Attend over `x` (training) or over the cache after writing `x`'s keys into it.
 
-        `kv` is this layer's cache entry, `(k_BSKH, v_BSKH)` or, for an int8 cache,
-        `(k, v, k_scale_BSK, v_scale_BSK)`, or None; the updated entry is returned alongside
-        the output.
+        `kv` is this layer's cache entry (its layer index; `ctx.write_at` says how to read the
+        cache), or None. Returned alongside the output: the new tokens' entries for the cache
+        to write, `(k_BTKH, v_BTKH)` or, for an int8 cache, `(k, v, k_scale_BTK, v_scale_BTK)`.
         """
         cfg = self.cfg
         qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias

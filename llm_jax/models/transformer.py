@@ -35,7 +35,6 @@ from llm_jax.models.attention import (
 )
 from llm_jax.models import peft as peft_lib
 from llm_jax.models.layers import MLP, Norm, compute_dtype, dense, param_dtype
-from llm_jax.models.paged import PagedKVCache
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -176,8 +175,8 @@ class Transformer(nn.Module):
                 cache.prefix, q_prefix, write_at
             )
             mask = attention_mask(cfg, q_pos, k_pos, q_prefix, new_prefix)
-            if isinstance(cache, PagedKVCache):  # keys and values live in pool pages, not cache rows
-                write_at = cache.write_plan(q_pos)
+            # The layers read the cache through this plan; the cache writes their new entries afterwards.
+            write_at = cache.write_plan(q_pos)
 
         bias = None
         if cfg.position == "alibi":
