@@ -368,6 +368,13 @@ class TrainConfig:
     # `llm-jax convert`) whose newest parameters start this run, with a fresh optimizer;
     # its model config and tokenizer replace this experiment's.
     init_from: Optional[str] = None
+    # Knowledge distillation: a run directory whose frozen model is the teacher. The loss
+    # becomes distill_alpha * T^2 * KL(teacher_T || student_T) + (1 - distill_alpha) * CE
+    # at T = distill_temperature (llm_jax.finetune.distill); the student takes the
+    # teacher's tokenizer and must have its vocab_size. Validation stays the student's CE.
+    distill_from: Optional[str] = None
+    distill_temperature: float = 2.0
+    distill_alpha: float = 0.5
     tensorboard: bool = True
     wandb: bool = False  # only if wandb is installed
     progress_bar: bool = True
@@ -384,6 +391,11 @@ class TrainConfig:
         _require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
         _require(self.eval_steps >= 0, "train.eval_steps", "must be >= 0 (0 skips evaluation)")
         _require(self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0 (0 skips the sample)")
+        _require(self.distill_temperature > 0, "train.distill_temperature",
+                 f"must be positive, got {self.distill_temperature}")
+        _require(0 <= self.distill_alpha <= 1, "train.distill_alpha", f"must be in [0, 1], got {self.distill_alpha}")
+        _require(self.distill_from is None or self.z_loss == 0, "train.z_loss",
+                 "applies to the plain next-token loss; set it to 0 with train.distill_from")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,11 +9,14 @@ training package's step for it: the same batches (`inputs`, `targets`, optional
 `loss_mask`, `segment_ids`, `positions`, `prefix_mask`), the same `TrainState`, the same
 skipping of non-finite steps; the frozen teacher runs inside the step, so its logits
 are never stored. Teacher and student share the vocabulary (and the tokenizer), not
-necessarily the architecture.
+necessarily the architecture. `DistillationObjective` is the same loss as an objective
+of `llm_jax.training.step`, which is how `llm-jax train` distils (`train.distill_from`),
+with its mesh, microbatches and checkpoints.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -47,6 +50,24 @@ def _logits(params, cfg: ModelConfig, batch):
         {"params": params}, batch["inputs"], positions_BT=batch.get("positions"),
         segment_ids_BT=batch.get("segment_ids"), prefix_mask_BT=batch.get("prefix_mask"))
     return logits_BTV
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillationObjective:
+    """`distillation_loss` as the train step's objective (`llm_jax.training.step.Objective`).
+
+    The step passes the frozen teacher's parameters in as `teacher`; the teacher scores
+    each (micro)batch as the student does, its logits held constant."""
+
+    teacher_cfg: ModelConfig
+    cfg: DistillConfig
+
+    def __call__(self, student_logits_BTV, batch, teacher):
+        teacher_logits_BTV = jax.lax.stop_gradient(_logits(teacher, self.teacher_cfg, batch))
+        _, sums = distillation_loss(student_logits_BTV, teacher_logits_BTV, batch["targets"], batch.get("loss_mask"),
+                                    temperature=self.cfg.temperature, alpha=self.cfg.alpha)
+        return sums["loss_sum"], {"loss_sum": sums["loss_sum"], "kl_to_teacher_sum": sums["kl_sum"],
+                                  "label_ce_sum": sums["ce_sum"], "tokens": sums["tokens"]}
 
 
 def _check_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> None:

@@ -67,9 +67,9 @@ def optimizer_on_device(step: Callable, opt_shardings: Any) -> Callable:
         return step
     on_device = jax.tree.map(lambda s: s.with_memory_kind(_device_kind(s)), opt_shardings)
 
-    def wrapped(state, batch):
+    def wrapped(state, *inputs):  # the batch, and any frozen inputs of the step
         state = state.replace(opt_state=jax.device_put(state.opt_state, on_device))
-        new_state, metrics = step(state, batch)
+        new_state, metrics = step(state, *inputs)
         return new_state.replace(opt_state=jax.device_put(new_state.opt_state, opt_shardings)), metrics
 
     return wrapped

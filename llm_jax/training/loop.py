@@ -6,7 +6,8 @@
 A run lives in `train.run_dir`: `metrics.jsonl`, `tensorboard/`, `tokenizer/`,
 `checkpoints/`. Starting a run in a directory that holds checkpoints resumes from the
 newest complete one, data iterator included, so the losses continue exactly as if the
-run had never stopped.
+run had never stopped. With `train.distill_from` the loss is knowledge distillation to
+that run's frozen model (`llm_jax.finetune.distill`); evaluation stays the student's CE.
 """
 
 from __future__ import annotations
@@ -108,6 +109,48 @@ def _adopt_base_model(cfg: ExperimentConfig, base_dir: pathlib.Path, run_dir: pa
     return cfg
 
 
+def _adopt_teacher_vocabulary(cfg: ExperimentConfig, teacher_dir: pathlib.Path, run_dir: pathlib.Path) -> None:
+    """A distilled student speaks its teacher's vocabulary: check the sizes, take its tokenizer."""
+    if not (teacher_dir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"train.distill_from={teacher_dir} is not a run directory: it has no checkpoints/ folder")
+    teacher = Checkpointer(teacher_dir / "checkpoints", async_save=False)
+    try:
+        if not teacher.steps():
+            raise FileNotFoundError(f"train.distill_from={teacher_dir} holds no complete checkpoint")
+        teacher_vocab = teacher.saved_config().model.vocab_size
+    finally:
+        teacher.close()
+    if teacher_vocab != cfg.model.vocab_size:
+        raise ConfigError(f"train.distill_from={teacher_dir} has model.vocab_size={teacher_vocab} but the student "
+                          f"has model.vocab_size={cfg.model.vocab_size}; distillation needs one vocabulary")
+    tokenizer_dir = run_dir / "tokenizer"
+    if (teacher_dir / "tokenizer").is_dir() and not tokenizer_dir.exists() and jax.process_index() == 0:
+        shutil.copytree(teacher_dir / "tokenizer", tokenizer_dir)
+
+
+def _load_teacher(cfg: ExperimentConfig, mesh: jax.sharding.Mesh, run_dir: pathlib.Path, print_fn):
+    """(objective, parameters) of the frozen teacher, placed like the student's on `mesh`."""
+    from llm_jax.finetune.align_config import DistillConfig
+    from llm_jax.finetune.distill import DistillationObjective
+
+    tc, teacher_dir = cfg.train, pathlib.Path(cfg.train.distill_from)
+    # A resumed student (or one given train.init_from) may hold a tokenizer of its own.
+    theirs, ours = _files(teacher_dir / "tokenizer"), _files(run_dir / "tokenizer")
+    if theirs and ours and theirs != ours:
+        raise ConfigError(f"train.distill_from: the tokenizer of {teacher_dir} differs from the student's in "
+                          f"{run_dir / 'tokenizer'}; distillation needs one vocabulary (use a new train.run_dir)")
+    teacher_cfg, params, step = load_trained_model(teacher_dir, mesh=mesh)
+    print_fn(f"distilling from {teacher_dir} (step {step}, {teacher_cfg.model.n_layers} layers, d_model "
+             f"{teacher_cfg.model.d_model}) at temperature {tc.distill_temperature}, alpha {tc.distill_alpha}")
+    objective = DistillationObjective(teacher_cfg.model, DistillConfig(temperature=tc.distill_temperature,
+                                                                       alpha=tc.distill_alpha))
+    return objective, params
+
+
+def _files(directory: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())} if directory.is_dir() else {}
+
+
 def _tokenizer(cfg: ExperimentConfig, corpus, run_dir: pathlib.Path) -> Tokenizer:
     """The run's tokenizer: the one saved in the run directory, else a new one saved there."""
     saved = run_dir / "tokenizer"
@@ -139,6 +182,7 @@ class _Run:
                                             cfg.train.batch_size // cfg.train.microbatches)
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops_per_step = flops_per_token(cfg.model, cfg.data.seq_len) * self.tokens_per_step
+        self.loss_fn, self.teacher = None, None  # the step's objective: next-token CE unless distilling
 
     def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in batch.items()}
@@ -156,6 +200,8 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     resuming = bool(checkpointer.steps())
     if cfg.train.init_from:
         cfg = _adopt_base_model(cfg, pathlib.Path(cfg.train.init_from), run_dir, print_fn)
+    if cfg.train.distill_from:
+        _adopt_teacher_vocabulary(cfg, pathlib.Path(cfg.train.distill_from), run_dir)
     _check_resumable(checkpointer.saved_config() if resuming else None, cfg, run_dir)
     run = _Run(cfg, run_dir, print_fn)
 
@@ -177,6 +223,8 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     shardings = param_shardings(cfg.model, run.mesh)
     peak = measured_peak_flops()  # outside the mesh context: it runs on this process's devices alone
     with sharding_context(run.mesh):
+        if cfg.train.distill_from:
+            run.loss_fn, run.teacher = _load_teacher(cfg, run.mesh, run_dir, print_fn)
         state = init_sharded_train_state(cfg.model, cfg.optim, cfg.train.steps, jax.random.key(cfg.train.seed),
                                          run.mesh, shardings, shard_params=cfg.mesh.shard_params,
                                          offload_optimizer=cfg.mesh.offload_optimizer)
@@ -209,7 +257,8 @@ def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, wr
     bar = tqdm(total=tc.steps, initial=step, disable=None if tc.progress_bar else True, unit="step",
                dynamic_ncols=True, leave=False)
     step_fn = sharded_train_step(state, run.batch_sharding, model_cfg=cfg.model, microbatches=tc.microbatches,
-                                 z_loss=tc.z_loss, layer_runner=run.layer_runner)
+                                 z_loss=tc.z_loss, layer_runner=run.layer_runner, loss_fn=run.loss_fn,
+                                 teacher=run.teacher)
     pending: list[dict] = []  # device metrics since the last log line (fetched together)
     previous = None
     last_log, start = time.perf_counter(), time.perf_counter()
@@ -241,6 +290,9 @@ def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, wr
                 "train/learning_rate": float(run.schedule(step - 1)), "train/tokens_per_second": tok_s,
                 "train/mfu": tok_s / run.tokens_per_step * run.flops_per_step / peak,
                 "train/skipped_steps": float(sum(m["skipped"] for m in fetched)),
+                # A distilled student's two terms (train/loss is their mix).
+                **{f"train/{k}": float(np.mean([m[k] for m in fetched if not m["skipped"]] or [math.nan]))
+                   for k in ("kl_to_teacher", "label_ce") if k in fetched[0]},
             }
             writer.write(step, scalars)
             bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{scalars['train/mfu']:.1%}")

@@ -7,12 +7,18 @@ Gradient accumulation scans over microbatches and sums *token-weighted* losses a
 gradients before dividing by the batch's token count, so any number of microbatches
 gives the same update as the whole batch at once. A step whose loss or gradients are
 not finite leaves the parameters and optimizer state untouched and is counted.
+
+What the step minimises is a parameter, `loss_fn` (an `Objective`, below): next-token
+cross-entropy by default, or e.g. knowledge distillation to a frozen teacher
+(`llm_jax.finetune.distill.DistillationObjective`), whose parameters come in as the
+step's `teacher` argument.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
 import flax.struct
 import jax
@@ -47,7 +53,29 @@ def init_train_state(model_cfg: ModelConfig, optim_cfg: OptimConfig, total_steps
                       bad_in_a_row=counter(), tx=tx)
 
 
-def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, deterministic: bool, layer_runner=None):
+# What a train step minimises, from the model's logits on one (micro)batch:
+# loss_fn(logits_BTV, batch, teacher) -> (token-summed value to differentiate, token-summed
+# metrics). The metrics hold `loss_sum` (the loss reported, and checked for finiteness) and
+# `tokens`; any other `<name>_sum` is reported per token as `<name>`. `teacher` is the
+# frozen pytree the step was given (None for plain language modelling). Objectives are
+# hashable (frozen dataclasses): they are static arguments of the jitted step.
+Objective = Callable[[jax.Array, dict, Any], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class NextTokenLoss:
+    """The default objective: cross-entropy on `targets`, plus `z_loss` * mean log(Z)^2."""
+
+    z_loss: float = 0.0
+
+    def __call__(self, logits_BTV, batch, teacher=None):
+        _, sums = cross_entropy_loss(logits_BTV, batch["targets"], batch.get("loss_mask"), self.z_loss)
+        return (sums["loss_sum"] + self.z_loss * sums["z_loss_sum"],
+                {"loss_sum": sums["loss_sum"], "log_z_squared_sum": sums["z_loss_sum"], "tokens": sums["tokens"]})
+
+
+def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, deterministic: bool, layer_runner=None,
+                 loss_fn: Objective | None = None, teacher=None):
     """Token-summed loss of one (micro)batch, and its metrics."""
     logits, _ = Transformer(model_cfg, layer_runner=layer_runner).apply(
         {"params": params},
@@ -58,33 +86,41 @@ def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, dete
         deterministic=deterministic,
         rngs=None if deterministic else {"dropout": rng},
     )
-    _, metrics = cross_entropy_loss(logits, batch["targets"], batch.get("loss_mask"), z_loss)
-    return metrics["loss_sum"] + z_loss * metrics["z_loss_sum"], metrics
+    return (loss_fn or NextTokenLoss(z_loss))(logits, batch, teacher)
 
 
-def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss: float, layer_runner=None):
+def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss: float, layer_runner=None,
+                       loss_fn: Objective | None = None, teacher=None):
     """Summed gradients and metrics over `microbatches` slices of the batch, one at a time."""
     grad_fn = jax.grad(_summed_loss, has_aux=True)
     split = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
     deterministic = model_cfg.dropout == 0 and model_cfg.attention_dropout == 0
+    keys = jax.random.split(rng, microbatches)
 
     def one(carry, inputs):
         micro, key = inputs
-        grads, metrics = grad_fn(params, micro, key, model_cfg, z_loss, deterministic, layer_runner)
+        grads, metrics = grad_fn(params, micro, key, model_cfg, z_loss, deterministic, layer_runner, loss_fn, teacher)
         return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    zero_metrics = {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "tokens")}
-    keys = jax.random.split(rng, microbatches)
+    # The objective names its metrics; their shapes come from tracing one microbatch.
+    first = jax.tree.map(lambda x: x[0], (split, keys))
+    metric_shapes = jax.eval_shape(lambda m, k: _summed_loss(params, m, k, model_cfg, z_loss, deterministic,
+                                                             layer_runner, loss_fn, teacher)[1], *first)
+    zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     (grads, metrics), _ = jax.lax.scan(one, (zeros, zero_metrics), (split, keys))
     return grads, metrics
 
 
-def _train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatches: int = 1, z_loss: float = 0.0,
-                layer_runner=None):
-    """One optimizer step; returns the new state and f32 scalar metrics (jitted below)."""
+def _train_step(state: TrainState, batch, teacher=None, *, model_cfg: ModelConfig, microbatches: int = 1,
+                z_loss: float = 0.0, layer_runner=None, loss_fn: Objective | None = None):
+    """One optimizer step; returns the new state and f32 scalar metrics (jitted below).
+
+    `loss_fn` (default: `NextTokenLoss(z_loss)`) is what is minimised; `teacher` is passed
+    to it unchanged and never differentiated."""
     rng, step_rng = jax.random.split(state.rng)
-    grads, sums = _accumulated_grads(state.params, batch, step_rng, model_cfg, microbatches, z_loss, layer_runner)
+    grads, sums = _accumulated_grads(state.params, batch, step_rng, model_cfg, microbatches, z_loss, layer_runner,
+                                     loss_fn, teacher)
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = sums["loss_sum"] / tokens
@@ -104,7 +140,9 @@ def _train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatche
     )
     metrics = {
         "loss": loss,
-        "log_z_squared": sums["z_loss_sum"] / tokens,  # what z_loss penalises
+        # The objective's other per-token metrics: log_z_squared (what z_loss penalises), or
+        # a distillation's kl_to_teacher and label_ce.
+        **{name[:-len("_sum")]: v / tokens for name, v in sums.items() if name.endswith("_sum") and name != "loss_sum"},
         "grad_norm": grad_norm,
         "tokens": sums["tokens"],
         "skipped": (~finite).astype(jnp.float32),
@@ -114,23 +152,32 @@ def _train_step(state: TrainState, batch, *, model_cfg: ModelConfig, microbatche
 
 
 # The state is donated: its buffers are reused for the new state.
-train_step = jax.jit(_train_step, static_argnames=("model_cfg", "microbatches", "z_loss"), donate_argnums=0)
+train_step = jax.jit(_train_step, static_argnames=("model_cfg", "microbatches", "z_loss", "loss_fn"),
+                     donate_argnums=0)
 
 
 def sharded_train_step(state: TrainState, batch_sharding: jax.sharding.Sharding, *, model_cfg: ModelConfig,
-                       microbatches: int = 1, z_loss: float = 0.0, layer_runner=None):
+                       microbatches: int = 1, z_loss: float = 0.0, layer_runner=None,
+                       loss_fn: Objective | None = None, teacher=None):
     """`train_step` compiled to keep the state exactly where it is (e.g. ZeRO-1 parameters
     stay unsplit even though their updates come from a split optimizer state).
 
     `layer_runner` replaces the model's layer scan, e.g. with a pipeline schedule
-    (`llm_jax.parallel.pipeline`)."""
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    (`llm_jax.parallel.pipeline`). A `teacher` (the frozen parameters `loss_fn` reads)
+    stays where it is too, and is bound: the result is still called as `step(state, batch)`."""
+    where = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    state_shardings = where(state)
     replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
     step = functools.partial(_train_step, model_cfg=model_cfg, microbatches=microbatches, z_loss=z_loss,
-                             layer_runner=layer_runner)
+                             layer_runner=layer_runner, loss_fn=loss_fn)
     step = offload.optimizer_on_device(step, state_shardings.opt_state)  # no-op unless it lives on the host
-    return jax.jit(step, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
-                   donate_argnums=0)
+    if teacher is None:
+        return jax.jit(step, in_shardings=(state_shardings, batch_sharding),
+                       out_shardings=(state_shardings, replicated), donate_argnums=0)
+    # An argument, not a closure: a captured array would be baked into the program as a constant.
+    jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding, where(teacher)),
+                     out_shardings=(state_shardings, replicated), donate_argnums=0)
+    return lambda state, batch: jitted(state, batch, teacher)
 
 
 @functools.partial(jax.jit, static_argnames=("model_cfg",))
