@@ -24,8 +24,8 @@ import jax.numpy as jnp
 
 from llm_jax.config import ModelConfig
 from llm_jax.finetune.align_config import DistillConfig
-from llm_jax.finetune.sequences import apply_gradients
 from llm_jax.models import Transformer
+from llm_jax.training.step import apply_gradients
 
 
 def distillation_loss(student_logits_BTV, teacher_logits_BTV, targets_BT, mask_BT=None, *,

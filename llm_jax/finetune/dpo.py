@@ -27,7 +27,6 @@ from llm_jax.finetune.align_config import DPOConfig
 from llm_jax.finetune.preference import PreferenceData, index_batches
 from llm_jax.finetune.sequences import (
     Sequences,
-    apply_gradients,
     committed_like,
     concat,
     map_rows,
@@ -38,6 +37,7 @@ from llm_jax.finetune.sequences import (
     split_tuned,
     with_frozen,
 )
+from llm_jax.training.step import apply_gradients
 
 
 def dpo_loss(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B, beta: float,

@@ -39,7 +39,6 @@ from llm_jax.finetune.reward import reward_scores
 from llm_jax.finetune.sequences import (
     Sequences,
     action_mask,
-    apply_gradients,
     committed_like,
     init_scalar_head,
     lm_forward,
@@ -52,6 +51,7 @@ from llm_jax.finetune.sequences import (
     with_frozen,
 )
 from llm_jax.inference import generate
+from llm_jax.training.step import apply_gradients
 
 RewardFn = Callable[[list[list[int]], list[list[int]]], Sequence[float]]
 _WIDTH_BUCKET = 16

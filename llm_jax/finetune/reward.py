@@ -24,7 +24,6 @@ from llm_jax.finetune.align_config import RewardConfig
 from llm_jax.finetune.preference import PreferenceData, index_batches
 from llm_jax.finetune.sequences import (
     Sequences,
-    apply_gradients,
     committed_like,
     concat,
     init_scalar_head,
@@ -38,6 +37,7 @@ from llm_jax.finetune.sequences import (
     split_tuned,
     with_frozen,
 )
+from llm_jax.training.step import apply_gradients
 
 
 def init_reward_model(lm_params, cfg: ModelConfig) -> dict:

@@ -7,7 +7,6 @@ response is `tokens[i, prompt_lengths[i]:lengths[i]]`. On such rows this module 
     token_logprobs         log p(token t | tokens < t) for t = 1..T-1, as logp_BA
     response_logprob_sum   the summed log-probability of each row's response (DPO)
     scalar_head            a linear D -> 1 head (reward model, PPO value head)
-    apply_gradients        an optimizer step that skips a non-finite loss or gradient
     split_tuned            what trains: a PEFT model's (model.peft) own parameters, else all
 
 Index convention ("actions"): logp_BA[:, a] scores token a + 1 from the logits at
@@ -208,20 +207,3 @@ def committed_like(tree, like):
     """
     devices = {d for x in jax.tree.leaves(like) for d in x.devices()}
     return jax.device_put(tree, devices.pop()) if len(devices) == 1 else tree
-
-
-def apply_gradients(state: TrainState, grads, loss) -> tuple[TrainState, dict]:
-    """One optimizer step, skipped (and counted) if the loss or the gradients are not finite."""
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    state = state.replace(
-        step=state.step + 1,
-        params=keep(params, state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        skipped=state.skipped + (~finite).astype(jnp.int32),
-        bad_in_a_row=jnp.where(finite, 0, state.bad_in_a_row + 1),
-    )
-    return state, {"grad_norm": grad_norm, "skipped": (~finite).astype(jnp.float32)}

@@ -14,14 +14,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import optax
 
 from llm_jax.config import ModelConfig, OptimConfig
 from llm_jax.finetune import peft
 from llm_jax.models import Transformer
 from llm_jax.training.losses import cross_entropy_loss
 from llm_jax.training.optimizer import make_optimizer
-from llm_jax.training.step import TrainState
+from llm_jax.training.step import TrainState, apply_gradients
 
 
 def uses_dropout(cfg: ModelConfig) -> bool:
@@ -60,21 +59,8 @@ def _train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, mic
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = sums["loss_sum"] / tokens
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep(optax.apply_updates(state.params, updates), state.params),
-        opt_state=keep(opt_state, state.opt_state),
-        rng=rng,
-        skipped=state.skipped + (~finite).astype(jnp.int32),
-        bad_in_a_row=jnp.where(finite, 0, state.bad_in_a_row + 1),
-    )
-    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": sums["tokens"],
-               "skipped": (~finite).astype(jnp.float32), "bad_in_a_row": new_state.bad_in_a_row}
-    return new_state, metrics
+    new_state, step_metrics = apply_gradients(state.replace(rng=rng), grads, loss)
+    return new_state, {"loss": loss, **step_metrics, "tokens": sums["tokens"]}
 
 
 train_step = jax.jit(_train_step, static_argnames=("model_cfg", "microbatches", "z_loss"), donate_argnums=0)

@@ -124,31 +124,38 @@ def _train_step(state: TrainState, batch, teacher=None, *, model_cfg: ModelConfi
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = sums["loss_sum"] / tokens
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    updates, new_opt_state = state.tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep(new_params, state.params),
-        opt_state=keep(new_opt_state, state.opt_state),
-        rng=rng,
-        skipped=state.skipped + (~finite).astype(jnp.int32),
-        bad_in_a_row=jnp.where(finite, 0, state.bad_in_a_row + 1),
-    )
+    new_state, step_metrics = apply_gradients(state.replace(rng=rng), grads, loss)
     metrics = {
         "loss": loss,
         # The objective's other per-token metrics: log_z_squared (what z_loss penalises), or
         # a distillation's kl_to_teacher and label_ce.
         **{name[:-len("_sum")]: v / tokens for name, v in sums.items() if name.endswith("_sum") and name != "loss_sum"},
-        "grad_norm": grad_norm,
+        **step_metrics,
         "tokens": sums["tokens"],
-        "skipped": (~finite).astype(jnp.float32),
-        "bad_in_a_row": new_state.bad_in_a_row,
     }
     return new_state, metrics
+
+
+def apply_gradients(state: TrainState, grads, loss) -> tuple[TrainState, dict]:
+    """One optimizer step; a non-finite loss or gradient leaves params and moments as they were.
+
+    Every train step in the project (pre-training, fine-tuning, alignment) goes through
+    here, so they all skip and count bad steps alike.
+    """
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+    state = state.replace(
+        step=state.step + 1,
+        params=keep(params, state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        skipped=state.skipped + (~finite).astype(jnp.int32),
+        bad_in_a_row=jnp.where(finite, 0, state.bad_in_a_row + 1),
+    )
+    return state, {"grad_norm": grad_norm, "skipped": (~finite).astype(jnp.float32),
+                   "bad_in_a_row": state.bad_in_a_row}
 
 
 # The state is donated: its buffers are reused for the new state.
