@@ -210,3 +210,22 @@ def test_int8_cache_generation_runs_and_mostly_agrees():
     exact = generate(params, cfg, [[3, 17, 5, 9]], max_new_tokens=12, sampling=GREEDY).tokens[0]
     quant = generate(params, cfg, [[3, 17, 5, 9]], max_new_tokens=12, sampling=GREEDY, int8_cache=True).tokens[0]
     assert len(quant) == 12 and sum(a == b for a, b in zip(exact, quant)) >= 6
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["f32-cache", "int8-cache"])
+def test_the_decode_loop_writes_the_cache_in_place(int8):
+    """No step copies the whole cache: XLA orders the write after every layer's read (see Transformer)."""
+    import importlib
+
+    gen = importlib.import_module("llm_jax.inference.generate")
+    cfg, params = _model(n_layers=3, n_heads=4, n_kv_heads=2)
+    tokens, lengths = gen._check_and_pad(cfg, [[1, 2, 3], [4, 5]], 8)
+    state = gen._prefill(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=8,
+                         cache_len=tokens.shape[1] + 8, stop_window=1, int8_cache=int8)
+    text = gen._decode.lower(params, cfg, state, SamplingParams.make(2, temperature=0.0), gen._stop_array([]), 8,
+                             greedy=True).compile().as_text()
+    cache_shape = state.cache.k.shape
+    dtype = "s8" if int8 else "f32"
+    dims = ",".join(map(str, cache_shape))
+    copies = [line for line in text.splitlines() if f"= {dtype}[{dims}]" in line and " copy(" in line]
+    assert copies == [], copies[:2]

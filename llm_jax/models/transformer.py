@@ -150,7 +150,13 @@ class Transformer(nn.Module):
         if cache is None:
             return logits_BTV, None
         T = tokens_BT.shape[1]
-        return logits_BTV, cache.with_layer_entries(kv, end=cache.end + T, prefix=new_prefix)
+        # The write must follow every layer's read of the cache, or XLA cannot write in place
+        # and copies the whole cache (or page pool) on every step. The last layer's read is
+        # not an input of the write (only its new keys are), so the write positions are made
+        # to depend on the logits: a row whose logits are NaN writes past the end (dropped).
+        diverged_B = jnp.isnan(logits_BTV[:, -1, 0])
+        write_from = cache.replace(end=jnp.where(diverged_B, cache.max_len, cache.end))
+        return logits_BTV, write_from.with_layer_entries(kv, end=cache.end + T, prefix=new_prefix)
 
     def _context(self, tokens_BT, positions_BT, segment_ids_BT, prefix_mask_BT, cache):
         """Positions, mask and position bias for this pass; also the cache's new prefix flags."""
