@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Sequence
 
 import flax.linen as nn
@@ -52,10 +54,7 @@ class Dense(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.axes)
         kernel = self.param("kernel", init, shape, self.param_dtype)
         kernel = kernel.dequantize(self.dtype) if isinstance(kernel, NF4Tensor) else kernel.astype(self.dtype)
-        # Contracted as created, not reshaped to one 2-D matmul: the 2-D form is faster on
-        # XLA:CPU but raised the compiled memory of sharded train steps (tests/test_planner.py).
-        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        y = _contract(x.astype(self.dtype), kernel, self.n_in)
         if self.use_bias:
             bias_init = nn.with_logical_partitioning(nn.initializers.zeros, self.axes[self.n_in :])
             y = y + self.param("bias", bias_init, self.features, self.param_dtype).astype(self.dtype)
@@ -63,6 +62,40 @@ class Dense(nn.Module):
             y = y + LoRA(*self.lora, axes=self.axes, n_in=self.n_in, features=self.features, dtype=self.dtype,
                          name="lora")(x)
         return y
+
+
+_KEEP_LEADING_AXES = contextvars.ContextVar("keep_leading_axes", default=False)
+
+
+@contextlib.contextmanager
+def leading_axes_kept():
+    """Trace `Dense` as it runs on a multi-device mesh, its input's leading axes kept apart
+    (`llm_jax.parallel.planner` reads the [batch, length, ...] shapes of the residuals)."""
+    token = _KEEP_LEADING_AXES.set(True)
+    try:
+        yield
+    finally:
+        _KEEP_LEADING_AXES.reset(token)
+
+
+def _contract(x, kernel, n_in: int):
+    """x's last n_in axes against the kernel's first n_in; the kernel keeps its created shape.
+
+    Outside a multi-device mesh the leading (batch, length) axes of x are merged into one,
+    so that XLA sees a [rows, in...] x [in..., out...] matmul: on XLA:CPU the backward pass
+    of the N-D form ran its weight gradients through a slower dot (an MLP block's gradient
+    took 2x as long). On a mesh the axes stay apart, so the partitioner keeps the batch and
+    length shardings as they are (merging them raised the compiled memory of sharded steps).
+    """
+    lead = x.shape[: x.ndim - n_in]
+    mesh = jax.sharding.get_abstract_mesh()
+    merge = len(lead) > 1 and (mesh.empty or mesh.size == 1) and not _KEEP_LEADING_AXES.get()
+    if merge:
+        x = x.reshape((-1,) + x.shape[x.ndim - n_in :])
+    first = x.ndim - n_in
+    contract = (tuple(range(first, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x, kernel, (contract, ((), ())))
+    return y.reshape(lead + y.shape[first:]) if merge else y
 
 
 def dense(

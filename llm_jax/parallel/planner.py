@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from llm_jax.config import ConfigError, ExperimentConfig, MeshConfig
+from llm_jax.models.layers import leading_axes_kept
 from llm_jax.parallel.mesh import MESH_AXES, mesh_shape
 from llm_jax.parallel.pipeline import PipelineSchedule
 
@@ -272,7 +273,8 @@ def _layer_residuals(model_cfg, policy: str, T: int, rows: int) -> tuple:
                 found.append((tuple(r.shape), r.dtype.itemsize, on_host))
         return x_BTD
 
-    jax.eval_shape(probe, x)
+    with leading_axes_kept():
+        jax.eval_shape(probe, x)
     return tuple(found)
 
 
@@ -315,7 +317,8 @@ def _head_residuals(model_cfg, T: int, rows: int) -> tuple:
         found.extend((tuple(r.shape), r.dtype.itemsize, False) for r in jax.tree.leaves(vjp_fn) if id(r) not in shared)
         return tokens
 
-    jax.eval_shape(probe, abstract_params(cfg), jax.ShapeDtypeStruct((rows, T), jnp.int32))
+    with leading_axes_kept():
+        jax.eval_shape(probe, abstract_params(cfg), jax.ShapeDtypeStruct((rows, T), jnp.int32))
     return tuple(found)
 
 
