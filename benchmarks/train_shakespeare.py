@@ -138,7 +138,7 @@ def run_jax(data: dict, steps: int, seed: int) -> dict:
         model=ModelConfig(vocab_size=data["vocab"], d_model=D_MODEL, n_layers=LAYERS, n_heads=HEADS,
                           d_ff=4 * D_MODEL, max_seq_len=CONTEXT, position="learned", norm="layernorm",
                           activation="gelu_exact", tie_embeddings=True, use_bias=False, dropout=0.0,
-                          init_std=INIT_STD, dtype="float32"),
+                          init_std=INIT_STD, dtype="float32", scan_layers=False),
         optim=OptimConfig(name="adamw", lr=LR, schedule="cosine", warmup_steps=WARMUP, min_lr_ratio=MIN_LR / LR,
                           b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP),
         data=DataConfig(source="text", split="tail", validation_fraction=0.1, tokenizer="char", seq_len=CONTEXT),

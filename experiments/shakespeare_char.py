@@ -17,6 +17,9 @@ def config() -> ExperimentConfig:
             vocab_size=128, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=64,
             position="learned", norm="layernorm", activation="gelu_exact", tie_embeddings=True,
             use_bias=False, dropout=0.0,
+            # Four layers compile quickly unrolled, and the step runs ~12% faster on XLA:CPU
+            # than as a layer scan (no stacking of residuals between the scan's iterations).
+            scan_layers=False,
         ),
         optim=OptimConfig(lr=1e-3, schedule="cosine", warmup_steps=100, min_lr_ratio=0.1, b1=0.9, b2=0.99,
                           weight_decay=0.1, grad_clip=1.0),

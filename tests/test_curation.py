@@ -113,11 +113,15 @@ def test_exact_and_near_duplicates():
 
 def test_decontamination_needs_a_shared_long_ngram():
     question = "what is the boiling point of water at sea level in degrees celsius on earth"
-    grams = eval_ngrams([question, "short answer"], 13)
+    grams = eval_ngrams([question, "short answer"], 13, min_words=2)
     assert contamination("Trivia: What is the boiling point of water at sea level, in degrees Celsius on Earth?",
                          grams, 13) is not None
     assert contamination("what is the boiling point of water at sea level in degrees", grams, 13) is None  # 12 words
     assert contamination("the short answer is no", grams, 13, short_grams=frozenset({2})) is not None
+    # By default an eval document of a few words is no evidence: "yes" must not remove every "yes".
+    assert eval_ngrams(["yes", "short answer", "who wrote the first folio of hamlet"], 13) == frozenset()
+    eight = "who wrote the first folio of hamlet then"
+    assert eval_ngrams([eight], 13) == frozenset({eight})
 
 
 # ------------------------------------------------------------------------- config errors

@@ -128,7 +128,7 @@ class _Decontaminate:
 
         self.cfg = cfg
         texts = read_examples(cfg.eval_path, "decontamination eval_path", cfg.text_field)
-        self.grams = decontamination.eval_ngrams(texts, cfg.ngram)
+        self.grams = decontamination.eval_ngrams(texts, cfg.ngram, cfg.min_words)
         self.short = frozenset(len(g.split()) for g in self.grams if len(g.split()) < cfg.ngram)
 
     def __call__(self, text):
