@@ -18,7 +18,6 @@ and segment ids keep packed examples from attending to each other.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Sequence
 
@@ -26,6 +25,7 @@ import grain
 import grain.experimental
 import numpy as np
 
+from llm_jax.data.jsonl import jsonl_records
 from llm_jax.data.tokenizers import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -121,20 +121,8 @@ def _as_messages(record, where: str) -> list[dict]:
 
 def read_jsonl(path: str | pathlib.Path) -> list[list[dict]]:
     """Every example of a JSONL file as a list of messages; a bad line raises with its number."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"SFT data file {path} does not exist")
-    examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            examples.append(_as_messages(record, where))
+    examples = [_as_messages(record, f"{path}:{number}")
+                for number, record in jsonl_records(path, DataError, "SFT data file")]
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples

@@ -20,11 +20,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.finetune.align_config import DPOConfig
-from llm_jax.finetune.preference import PreferenceData, index_batches
+from llm_jax.finetune.preference import IntervalLog, PreferenceData, index_batches
 from llm_jax.finetune.sequences import (
     Sequences,
     committed_like,
@@ -114,23 +113,20 @@ def train_dpo(params, model_cfg: ModelConfig, data: PreferenceData, cfg: DPOConf
     state = new_train_state(tuned, optimizer(cfg.optim, cfg.steps), cfg.seed)
     frozen = committed_like(frozen, state.params)
     batches = index_batches(train.num_pairs, cfg.batch_size, cfg.seed)
-    history, pending = [], []
+    log = IntervalLog(cfg.log_every, cfg.steps)
     for step in range(1, cfg.steps + 1):
         index = next(batches)
         batch = train.rows(index)
         state, metrics = dpo_train_step(state, frozen, batch.chosen, batch.rejected, ref_train[0][index],
                                         ref_train[1][index], model_cfg=model_cfg, beta=cfg.beta,
                                         label_smoothing=cfg.label_smoothing)
-        pending.append(metrics)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            logged = {"step": step, **{k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in metrics}}
-            pending = []
-            history.append(logged)
+        logged = log.add(step, metrics)
+        if logged is not None:
             print_fn(f"dpo step {step:>5}/{cfg.steps} | loss {logged['loss']:.4f} | margin {logged['margin']:+.4f} | "
                      f"accuracy {logged['accuracy']:.3f}")
     policy = with_frozen(state.params, frozen)
     evaluate = lambda d, ref: evaluate_dpo(policy, model_cfg, d, ref, cfg.beta, cfg.eval_batch_size)  # noqa: E731
-    result = DPOResult(params=policy, history=history, train=evaluate(train, ref_train),
+    result = DPOResult(params=policy, history=log.history, train=evaluate(train, ref_train),
                        held_out=None if held_out is None else evaluate(held_out, ref_held))
     for name, m in (("training", result.train), ("held-out", result.held_out)):
         if m is not None:

@@ -16,12 +16,13 @@ for a response is an error.
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from typing import Iterator, Sequence
 
+import jax
 import numpy as np
 
+from llm_jax.data.jsonl import jsonl_records
 from llm_jax.finetune.sequences import Sequences, pack
 
 _WIDTH_BUCKET = 16  # sequence widths are rounded up to this, to limit recompilation
@@ -41,34 +42,24 @@ class PreferencePair:
 
 def read_jsonl_records(path: str | pathlib.Path, fields: Sequence[str]) -> list[tuple[int, dict]]:
     """(line number, record) for each non-blank line; every `field` must be a non-empty string."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such JSONL file")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for number, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise PreferenceDataError(f"{path}, line {number}: not valid JSON "
-                                          f"({e.msg} at column {e.colno})") from None
-            if not isinstance(record, dict):
-                raise PreferenceDataError(f"{path}, line {number}: expected a JSON object with fields "
-                                          f"{list(fields)}, got {type(record).__name__}")
-            for field in fields:
-                if field not in record:
-                    raise PreferenceDataError(f"{path}, line {number}: missing field {field!r} "
-                                              f"(required: {list(fields)}; found: {sorted(record)})")
-                value = record[field]
-                if not isinstance(value, str):
-                    raise PreferenceDataError(f"{path}, line {number}: field {field!r} must be a string, "
-                                              f"got {type(value).__name__}")
-                if not value.strip():
-                    raise PreferenceDataError(f"{path}, line {number}: field {field!r} is empty; "
-                                              f"{'a prompt' if field == 'prompt' else 'a response'} must have text")
-            records.append((number, record))
+    for number, record in jsonl_records(path, PreferenceDataError, "preference data file",
+                                        locate=lambda number: f"{path}, line {number}"):
+        if not isinstance(record, dict):
+            raise PreferenceDataError(f"{path}, line {number}: expected a JSON object with fields "
+                                      f"{list(fields)}, got {type(record).__name__}")
+        for field in fields:
+            if field not in record:
+                raise PreferenceDataError(f"{path}, line {number}: missing field {field!r} "
+                                          f"(required: {list(fields)}; found: {sorted(record)})")
+            value = record[field]
+            if not isinstance(value, str):
+                raise PreferenceDataError(f"{path}, line {number}: field {field!r} must be a string, "
+                                          f"got {type(value).__name__}")
+            if not value.strip():
+                raise PreferenceDataError(f"{path}, line {number}: field {field!r} is empty; "
+                                          f"{'a prompt' if field == 'prompt' else 'a response'} must have text")
+        records.append((number, record))
     if not records:
         raise PreferenceDataError(f"{path}: holds no records")
     return records
@@ -179,3 +170,23 @@ def index_batches(num_rows: int, batch_size: int, seed: int) -> Iterator[np.ndar
             buffer = np.concatenate([buffer, rng.permutation(num_rows)])
         yield buffer[:batch_size]
         buffer = buffer[batch_size:]
+
+
+class IntervalLog:
+    """Per-step metrics (device arrays, fetched only when logged) averaged every `every`
+    steps and at step `last`; `history` keeps each logged average with its step."""
+
+    def __init__(self, every: int, last: int):
+        self.every, self.last = every, last
+        self.history: list[dict] = []
+        self._pending: list[dict] = []
+
+    def add(self, step: int, metrics: dict) -> dict | None:
+        """Record one step; returns the averages when this step closes an interval, else None."""
+        self._pending.append(metrics)
+        if step % self.every and step != self.last:
+            return None
+        fetched, self._pending = jax.device_get(self._pending), []
+        logged = {"step": step, **{k: float(np.mean([m[k] for m in fetched])) for k in metrics}}
+        self.history.append(logged)
+        return logged

@@ -17,11 +17,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.finetune.align_config import RewardConfig
-from llm_jax.finetune.preference import PreferenceData, index_batches
+from llm_jax.finetune.preference import IntervalLog, PreferenceData, index_batches
 from llm_jax.finetune.sequences import (
     Sequences,
     committed_like,
@@ -119,21 +118,18 @@ def train_reward_model(lm_params, model_cfg: ModelConfig, data: PreferenceData, 
         _whole(p, frozen), model_cfg, held_out, cfg.eval_batch_size)
     before = evaluate(state.params)
     batches = index_batches(train.num_pairs, cfg.batch_size, cfg.seed)
-    history, pending = [], []
+    log = IntervalLog(cfg.log_every, cfg.steps)
     for step in range(1, cfg.steps + 1):
         batch = train.rows(next(batches))
         state, metrics = reward_train_step(state, frozen, batch.chosen, batch.rejected, model_cfg=model_cfg,
                                            center_coef=cfg.center_coef)
-        pending.append(metrics)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            logged = {"step": step, **{k: float(np.mean([m[k] for m in jax.device_get(pending)])) for k in metrics}}
-            pending = []
-            history.append(logged)
+        logged = log.add(step, metrics)
+        if logged is not None:
             print_fn(f"reward step {step:>5}/{cfg.steps} | loss {logged['loss']:.4f} | "
                      f"accuracy {logged['accuracy']:.3f} | margin {logged['margin']:+.3f}")
     after = evaluate(state.params)
     if after is not None:
         print_fn(f"held-out pairs ({held_out.num_pairs}): accuracy {before['accuracy']:.3f} -> {after['accuracy']:.3f}"
                  f", margin {before['margin']:+.3f} -> {after['margin']:+.3f}")
-    return RewardResult(params=_whole(state.params, frozen), history=history, held_out=after,
+    return RewardResult(params=_whole(state.params, frozen), history=log.history, held_out=after,
                         held_out_before=before)
