@@ -24,12 +24,12 @@ import time
 import jax
 import numpy as np
 import openai
-import orbax.checkpoint as ocp
 
-from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, to_dict
+from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from llm_jax.data.tokenizers import CharTokenizer
 from llm_jax.inference.server import ServerConfig, bind_socket, load_server, start_in_thread
 from llm_jax.models import count_params, init_params
+from llm_jax.training.checkpoint import save_model_checkpoint
 
 TOKENIZER = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,:\n"))
 MODEL = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=128, n_layers=4, n_heads=4, d_ff=512, max_seq_len=256)
@@ -43,10 +43,7 @@ def write_run_dir(root: pathlib.Path) -> pathlib.Path:
     params = init_params(MODEL, jax.random.key(0))
     config = ExperimentConfig(name="bench", model=MODEL, data=DataConfig(seq_len=MODEL.max_seq_len),
                               train=TrainConfig(run_dir=str(run_dir)))
-    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
-        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": 0, "params": params}),
-                                                config=ocp.args.JsonSave(to_dict(config))))
-        manager.wait_until_finished()
+    save_model_checkpoint(run_dir, config, params)
     TOKENIZER.save(run_dir / "tokenizer")
     return run_dir
 

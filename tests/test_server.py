@@ -8,15 +8,15 @@ import urllib.request
 
 import jax
 import openai
-import orbax.checkpoint as ocp
 import pytest
 
-from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, to_dict
+from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from llm_jax.data.tokenizers import CharTokenizer
 from llm_jax.inference import generate
 from llm_jax.inference.api_schema import ChatMessage, ChatTemplate
 from llm_jax.inference.server import ServerConfig, bind_socket, load_server, start_in_thread
 from llm_jax.models import init_params
+from llm_jax.training.checkpoint import save_model_checkpoint
 
 TOKENIZER = CharTokenizer(list("abcdefghijklmnopqrstuvwxyz .,:\n"))
 CFG = ModelConfig(vocab_size=TOKENIZER.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64,
@@ -31,10 +31,7 @@ def served(tmp_path_factory):
     params = init_params(CFG, jax.random.key(0))
     config = ExperimentConfig(name="tiny", model=CFG, data=DataConfig(seq_len=64),
                               train=TrainConfig(run_dir=str(run_dir)))
-    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
-        manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": 0, "params": params}),
-                                                config=ocp.args.JsonSave(to_dict(config))))
-        manager.wait_until_finished()
+    save_model_checkpoint(run_dir, config, params)
     TOKENIZER.save(run_dir / "tokenizer")
     app, engine = load_server(run_dir, engine_options=dict(max_batch=4, page_size=16, prefill_chunk=16, prefill_rows=2),
                               server_config=ServerConfig(model_name="tiny", max_body_bytes=4096, max_prompt_tokens=40,

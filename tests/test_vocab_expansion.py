@@ -13,7 +13,8 @@ from llm_jax.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_
 from llm_jax.data.vocab import add_tokens
 from llm_jax.models import Transformer, init_params
 from llm_jax.training.checkpoint import load_trained_model
-from llm_jax.training.vocab_expansion import _write_run, expand_run
+from llm_jax.training.checkpoint import save_model_checkpoint
+from llm_jax.training.vocab_expansion import expand_run
 
 TEXT = "\n".join(f"def compute_{w}(x):\n    return x * {i} + offset_{w}\n" for i, w in enumerate(
     "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega".split())) * 4
@@ -29,7 +30,8 @@ def runs(tmp_path_factory):
     cfg = experiment.load("debug", [f"model.vocab_size={tokenizer.vocab_size}", "model.tie_embeddings=false",
                                     "model.d_model=32", "model.n_layers=1", "model.max_seq_len=64"])
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(root / "old")))
-    _write_run(root / "old", jax.tree.map(np.asarray, init_params(cfg.model, jax.random.key(0))), cfg, step=7)
+    params = jax.tree.map(np.asarray, init_params(cfg.model, jax.random.key(0)))
+    save_model_checkpoint(root / "old", cfg, params, step=7)
     tokenizer.save(root / "old" / "tokenizer")
     out, expansion = expand_run(root / "old", NEW_TOKENS, root / "new")
     return root / "old", out, expansion

@@ -25,7 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from llm_jax.config import ExperimentConfig, to_dict
-from llm_jax.training.checkpoint import load_trained_model
+from llm_jax.training.checkpoint import load_trained_model, save_model_checkpoint
 from llm_jax.training.metrics import MetricsWriter
 
 
@@ -43,7 +43,6 @@ def save_aligned_run(out_dir, base_config: ExperimentConfig, params, *, step: in
                      history: list[dict] = (), summary: dict | None = None) -> pathlib.Path:
     """Write an aligned model (LM `params`, optional named `heads`) as a run directory."""
     out_dir = check_new_run_dir(out_dir)
-    checkpoints = out_dir / "checkpoints"
     peft = base_config.model.peft.method != "none"
     if peft:
         from llm_jax.finetune.sequences import split_tuned
@@ -53,12 +52,7 @@ def save_aligned_run(out_dir, base_config: ExperimentConfig, params, *, step: in
     init_from = base_config.train.init_from if peft else None
     train = dataclasses.replace(base_config.train, run_dir=str(out_dir), init_from=init_from)
     config = dataclasses.replace(base_config, name=f"{base_config.name}-{objective}", train=train)
-    with ocp.CheckpointManager(checkpoints) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"step": step, "params": params, **(heads or {})}),
-            config=ocp.args.JsonSave(to_dict(config)),
-        ))
-        manager.wait_until_finished()
+    save_model_checkpoint(out_dir, config, params, step=step, extra=heads)
     if base_run_dir is not None and (pathlib.Path(base_run_dir) / "tokenizer").is_dir():
         shutil.copytree(pathlib.Path(base_run_dir) / "tokenizer", out_dir / "tokenizer", dirs_exist_ok=True)
     writer = MetricsWriter(out_dir, tensorboard=False)

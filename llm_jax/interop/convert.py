@@ -15,7 +15,7 @@ import warnings
 
 import jax
 
-from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig, to_dict
+from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from llm_jax.interop import weights
 from llm_jax.interop.families import FAMILIES
 from llm_jax.interop.hf_config import InteropError, family_of, read_hf_config, to_hf_config, to_model_config
@@ -78,7 +78,7 @@ def write_run_dir(run_dir, params, model: ModelConfig, tokenizer: HFTokenizer | 
     The checkpoint holds the parameters and step only: no optimizer state or data
     iterator, so it serves inference and evaluation, not `llm-jax train`'s resume.
     """
-    import orbax.checkpoint as ocp
+    from llm_jax.training.checkpoint import save_model_checkpoint
 
     run_dir = pathlib.Path(run_dir).absolute()
     checkpoints = run_dir / "checkpoints"
@@ -90,12 +90,7 @@ def write_run_dir(run_dir, params, model: ModelConfig, tokenizer: HFTokenizer | 
         data=DataConfig(seq_len=min(DataConfig.seq_len, model.max_seq_len)),
         train=TrainConfig(run_dir=str(run_dir)),
     )
-    with ocp.CheckpointManager(checkpoints) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"step": step, "params": params}),
-            config=ocp.args.JsonSave(to_dict(config)),
-        ))
-        manager.wait_until_finished()
+    save_model_checkpoint(run_dir, config, params, step=step)
     if tokenizer is not None:
         tokenizer.save(run_dir / "tokenizer")
     return run_dir

@@ -149,6 +149,21 @@ class Checkpointer:
 
 
 
+def save_model_checkpoint(run_dir: str | pathlib.Path, config: ExperimentConfig, params, *, step: int = 0,
+                          extra: dict | None = None) -> pathlib.Path:
+    """Write a run directory's checkpoint of parameters and config only (no optimizer or data
+    state), at `step`: what `load_trained_model`, `generate`, `serve` and `train.init_from`
+    read. `extra` adds trees next to the parameters (e.g. a reward model's value head)."""
+    run_dir = pathlib.Path(run_dir)
+    with ocp.CheckpointManager(run_dir / "checkpoints") as manager:
+        manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"step": step, "params": params, **(extra or {})}),
+            config=ocp.args.JsonSave(to_dict(config)),
+        ))
+        manager.wait_until_finished()
+    return run_dir
+
+
 def load_trained_model(run_dir: str | pathlib.Path, step: int | None = None, mesh: jax.sharding.Mesh | None = None):
     """(config, params, step) from a run directory's newest (or given) checkpoint.
 

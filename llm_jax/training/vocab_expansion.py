@@ -20,9 +20,9 @@ from typing import Sequence
 
 import numpy as np
 
-from llm_jax.config import ExperimentConfig, to_dict
 from llm_jax.data.tokenizers import load_tokenizer
 from llm_jax.data.vocab import Expansion, add_tokens
+from llm_jax.training.checkpoint import save_model_checkpoint
 
 
 def grow_embeddings(params: dict, expansion: Expansion) -> dict:
@@ -69,19 +69,9 @@ def expand_run(run_dir: str | pathlib.Path, tokens: Sequence[str], out_dir: str 
         cfg, model=dataclasses.replace(cfg.model, vocab_size=new_vocab),
         data=dataclasses.replace(cfg.data, tokenizer_path=str(out_dir / "tokenizer")),
         train=dataclasses.replace(cfg.train, run_dir=str(out_dir)))
-    _write_run(out_dir, params, cfg, step)
+    save_model_checkpoint(out_dir, cfg, params, step=step)
     expansion.tokenizer.save(out_dir / "tokenizer")
     return out_dir, expansion
-
-
-def _write_run(out_dir: pathlib.Path, params: dict, cfg: ExperimentConfig, step: int) -> None:
-    """Parameters and config only (no optimizer state): for generate, evaluate and init_from."""
-    import orbax.checkpoint as ocp
-
-    with ocp.CheckpointManager(out_dir / "checkpoints") as manager:
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"step": step, "params": params}),
-                                                   config=ocp.args.JsonSave(to_dict(cfg))))
-        manager.wait_until_finished()
 
 
 def main_expand_vocab(args) -> int:
