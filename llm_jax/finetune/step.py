@@ -20,7 +20,7 @@ from llm_jax.finetune import peft
 from llm_jax.models import Transformer
 from llm_jax.training.losses import cross_entropy_loss
 from llm_jax.training.optimizer import make_optimizer
-from llm_jax.training.step import TrainState, apply_gradients
+from llm_jax.training.step import TrainState, accumulate_gradients, apply_gradients
 
 
 def uses_dropout(cfg: ModelConfig) -> bool:
@@ -45,17 +45,8 @@ def summed_loss(tuned, frozen, batch, rng, model_cfg: ModelConfig, z_loss: float
 def _train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, microbatches: int = 1,
                 z_loss: float = 0.0):
     rng, step_rng = jax.random.split(state.rng)
-    grad_fn = jax.grad(summed_loss, has_aux=True)
-    split = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
-
-    def one(carry, inputs):
-        micro, key = inputs
-        grads, sums = grad_fn(state.params, frozen, micro, key, model_cfg, z_loss)
-        return jax.tree.map(jnp.add, carry, (grads, sums)), None
-
-    zero = (jax.tree.map(jnp.zeros_like, state.params),
-            {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "z_loss_sum", "tokens")})
-    (grads, sums), _ = jax.lax.scan(one, zero, (split, jax.random.split(step_rng, microbatches)))
+    loss = lambda tuned, micro, key: summed_loss(tuned, frozen, micro, key, model_cfg, z_loss)  # noqa: E731
+    grads, sums = accumulate_gradients(loss, state.params, batch, step_rng, microbatches)
     tokens = jnp.maximum(sums["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = sums["loss_sum"] / tokens

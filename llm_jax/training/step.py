@@ -89,27 +89,32 @@ def _summed_loss(params, batch, rng, model_cfg: ModelConfig, z_loss: float, dete
     return (loss_fn or NextTokenLoss(z_loss))(logits, batch, teacher)
 
 
-def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss: float, layer_runner=None,
-                       loss_fn: Objective | None = None, teacher=None):
-    """Summed gradients and metrics over `microbatches` slices of the batch, one at a time."""
-    grad_fn = jax.grad(_summed_loss, has_aux=True)
+def accumulate_gradients(loss_fn: Callable, params, batch, rng, microbatches: int):
+    """Gradients of `loss_fn(params, microbatch, key) -> (loss, metrics)` and its metrics,
+    summed over `microbatches` slices of the batch taken one at a time (a scan)."""
+    grad_fn = jax.grad(loss_fn, has_aux=True)
     split = jax.tree.map(lambda x: x.reshape((microbatches, -1) + x.shape[1:]), batch)
-    deterministic = model_cfg.dropout == 0 and model_cfg.attention_dropout == 0
     keys = jax.random.split(rng, microbatches)
 
     def one(carry, inputs):
-        micro, key = inputs
-        grads, metrics = grad_fn(params, micro, key, model_cfg, z_loss, deterministic, layer_runner, loss_fn, teacher)
-        return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+        return jax.tree.map(jnp.add, carry, grad_fn(params, *inputs)), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     # The objective names its metrics; their shapes come from tracing one microbatch.
     first = jax.tree.map(lambda x: x[0], (split, keys))
-    metric_shapes = jax.eval_shape(lambda m, k: _summed_loss(params, m, k, model_cfg, z_loss, deterministic,
-                                                             layer_runner, loss_fn, teacher)[1], *first)
+    metric_shapes = jax.eval_shape(lambda m, k: loss_fn(params, m, k)[1], *first)
     zero_metrics = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metric_shapes)
     (grads, metrics), _ = jax.lax.scan(one, (zeros, zero_metrics), (split, keys))
     return grads, metrics
+
+
+def _accumulated_grads(params, batch, rng, model_cfg, microbatches: int, z_loss: float, layer_runner=None,
+                       loss_fn: Objective | None = None, teacher=None):
+    """The language model's summed gradients and metrics (see `accumulate_gradients`)."""
+    deterministic = model_cfg.dropout == 0 and model_cfg.attention_dropout == 0
+    loss = lambda p, micro, key: _summed_loss(p, micro, key, model_cfg, z_loss, deterministic,  # noqa: E731
+                                             layer_runner, loss_fn, teacher)
+    return accumulate_gradients(loss, params, batch, rng, microbatches)
 
 
 def _train_step(state: TrainState, batch, teacher=None, *, model_cfg: ModelConfig, microbatches: int = 1,
