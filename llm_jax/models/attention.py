@@ -199,7 +199,7 @@ def _attend_one_query(q_B1KGH, k_BSKH, v_BSKH, mask_B11S, bias_BN1S):
     scores = jnp.einsum("bkgh,bskh->bkgs", q_BKGH, k_BSKH, preferred_element_type=jnp.float32) * H**-0.5
     if bias_BN1S is not None:
         scores = scores + bias_BN1S.reshape(B, K, G, -1)
-    scores = jnp.where(mask_B11S[:, :, 0, None], scores, _MASKED)  # mask [B, 1, 1, S] -> [B, 1, 1, S]
+    scores = jnp.where(mask_B11S, scores, _MASKED)  # [B, 1, 1, S] over [B, K, G, S]
     probs_BKGS = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
     out_BKGH = jnp.einsum("bkgs,bskh->bkgh", probs_BKGS, v_BSKH)
     return out_BKGH.reshape(B, 1, K * G, H)
