@@ -20,7 +20,7 @@ from llm_jax.finetune import peft
 from llm_jax.models import Transformer
 from llm_jax.training.losses import cross_entropy_loss
 from llm_jax.training.optimizer import make_optimizer
-from llm_jax.training.step import TrainState, accumulate_gradients, apply_gradients
+from llm_jax.training.step import TrainState, accumulate_gradients, apply_summed_gradients
 
 
 def uses_dropout(cfg: ModelConfig) -> bool:
@@ -47,11 +47,7 @@ def _train_step(state: TrainState, frozen, batch, *, model_cfg: ModelConfig, mic
     rng, step_rng = jax.random.split(state.rng)
     loss = lambda tuned, micro, key: summed_loss(tuned, frozen, micro, key, model_cfg, z_loss)  # noqa: E731
     grads, sums = accumulate_gradients(loss, state.params, batch, step_rng, microbatches)
-    tokens = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    loss = sums["loss_sum"] / tokens
-    new_state, step_metrics = apply_gradients(state.replace(rng=rng), grads, loss)
-    return new_state, {"loss": loss, **step_metrics, "tokens": sums["tokens"]}
+    return apply_summed_gradients(state.replace(rng=rng), grads, sums)
 
 
 train_step = jax.jit(_train_step, static_argnames=("model_cfg", "microbatches", "z_loss"), donate_argnums=0)

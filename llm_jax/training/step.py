@@ -126,19 +126,22 @@ def _train_step(state: TrainState, batch, teacher=None, *, model_cfg: ModelConfi
     rng, step_rng = jax.random.split(state.rng)
     grads, sums = _accumulated_grads(state.params, batch, step_rng, model_cfg, microbatches, z_loss, layer_runner,
                                      loss_fn, teacher)
+    new_state, metrics = apply_summed_gradients(state.replace(rng=rng), grads, sums)
     tokens = jnp.maximum(sums["tokens"], 1.0)
-    grads = jax.tree.map(lambda g: g / tokens, grads)
-    loss = sums["loss_sum"] / tokens
-    new_state, step_metrics = apply_gradients(state.replace(rng=rng), grads, loss)
-    metrics = {
-        "loss": loss,
-        # The objective's other per-token metrics: log_z_squared (what z_loss penalises), or
-        # a distillation's kl_to_teacher and label_ce.
-        **{name[:-len("_sum")]: v / tokens for name, v in sums.items() if name.endswith("_sum") and name != "loss_sum"},
-        **step_metrics,
-        "tokens": sums["tokens"],
-    }
+    # The objective's other per-token metrics: log_z_squared (what z_loss penalises), or
+    # a distillation's kl_to_teacher and label_ce.
+    metrics.update({name[:-len("_sum")]: v / tokens for name, v in sums.items()
+                    if name.endswith("_sum") and name != "loss_sum"})
     return new_state, metrics
+
+
+def apply_summed_gradients(state: TrainState, grads, sums) -> tuple[TrainState, dict]:
+    """`apply_gradients` for token-summed gradients and `sums` (`loss_sum`, `tokens`): both
+    divided by the batch's token count first. Metrics: loss, the step's, and tokens."""
+    tokens = jnp.maximum(sums["tokens"], 1.0)
+    loss = sums["loss_sum"] / tokens
+    new_state, step_metrics = apply_gradients(state, jax.tree.map(lambda g: g / tokens, grads), loss)
+    return new_state, {"loss": loss, **step_metrics, "tokens": sums["tokens"]}
 
 
 def apply_gradients(state: TrainState, grads, loss) -> tuple[TrainState, dict]:
