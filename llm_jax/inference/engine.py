@@ -263,8 +263,8 @@ class Engine:
                                f"{self.pool.capacity} pages x {config.page_size} tokens")
         if any(not s for s in r.stop_sequences):
             raise RequestError("stop sequences must not be empty")
-        try:
-            SamplingParams.make(1, **r.sampling)
+        try:  # on the host: this runs on the server's event loop, which must not dispatch to the device
+            SamplingParams.checked(1, **r.sampling)
         except ValueError as e:
             # DecodeConfig names the field decode.<name>; a request calls it <name>.
             raise RequestError(f"invalid sampling parameters: {str(e).replace('decode.', '')}") from None

@@ -43,6 +43,12 @@ class SamplingParams:
     @classmethod
     def make(cls, batch: int, **settings) -> "SamplingParams":
         """Validated settings broadcast to [batch]; unknown names and bad values raise."""
+        arrays = cls.checked(batch, **settings)
+        return cls(**{name: jnp.asarray(a, jnp.int32 if name == "top_k" else jnp.float32) for name, a in arrays.items()})
+
+    @staticmethod
+    def checked(batch: int, **settings) -> dict[str, np.ndarray]:
+        """`make`'s validation alone, on the host: every setting as a [batch] numpy array."""
         defaults = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0)
         unknown = set(settings) - set(defaults)
         if unknown:
@@ -56,7 +62,7 @@ class SamplingParams:
         # DecodeConfig holds the validation rules; apply them to every row's values.
         for i in range(batch):
             DecodeConfig(**{name: a[i].item() for name, a in arrays.items()})
-        return cls(**{name: jnp.asarray(a, jnp.int32 if name == "top_k" else jnp.float32) for name, a in arrays.items()})
+        return arrays
 
 
 def apply_penalties(logits_BV, counts_BV, sp: SamplingParams):

@@ -203,15 +203,40 @@ class _BodyLimit:
         await send({"type": "http.response.body", "body": payload})
 
 
+class _Outbox:
+    """Hands the engine thread's updates to the event loop, one wakeup per batch of updates.
+
+    A decode step finishes a token for every running request at once; one
+    `call_soon_threadsafe` per request would wake the loop (a write to its self-pipe) that
+    many times per step. The first update of a batch schedules the flush; the others join it.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop, self._lock, self._items = loop, threading.Lock(), []
+
+    def put(self, queue: asyncio.Queue, item) -> None:  # engine thread
+        with self._lock:
+            self._items.append((queue, item))
+            first = len(self._items) == 1
+        if first:
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:  # event loop
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Session:
     """One request's bridge from the engine thread to the event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, outbox: _Outbox):
         self.queue: asyncio.Queue = asyncio.Queue()
-        self._loop = loop
+        self._outbox = outbox
 
     def on_update(self, request: Request, tokens: list[int], finished: bool):  # engine thread
-        self._loop.call_soon_threadsafe(self.queue.put_nowait, (list(tokens), finished))
+        self._outbox.put(self.queue, (list(tokens), finished))
 
 
 class _TextStream:
@@ -241,6 +266,7 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig = ServerConfig(),
     loop_runner = EngineLoop(engine)
     metrics = _Metrics(engine, loop_runner)
     in_flight = {"n": 0}
+    outboxes: dict = {}  # event loop -> _Outbox (one loop per server)
     eos = getattr(tokenizer, "eos_id", None)
 
     async def lifespan(app):
@@ -312,7 +338,10 @@ def create_app(engine: Engine, tokenizer, config: ServerConfig = ServerConfig(),
 
     async def run(http_request: fastapi.Request, body, prompt_ids, max_tokens, render):
         """Submit, then answer with one JSON object or an event stream built by `render`."""
-        session = _Session(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        if loop not in outboxes:
+            outboxes[loop] = _Outbox(loop)
+        session = _Session(outboxes[loop])
         req = submit(body, prompt_ids, max_tokens, session)
         in_flight["n"] += 1
         metrics.prompt.inc(len(prompt_ids))
