@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from llm_jax.config import ModelConfig
+from llm_jax.config import ModelConfig, PeftConfig
 from llm_jax.models import (
     KVCache,
     Transformer,
+    fuse_projections,
     init_params,
     param_logical_axes,
     param_shapes,
@@ -277,6 +278,32 @@ def test_scanned_and_unrolled_layers_agree(overrides):
     np.testing.assert_allclose(u_logits, logits, atol=1e-6, rtol=0)
     np.testing.assert_allclose(u_loss, loss, atol=1e-6, rtol=0)
     assert_trees_close(u_grads, unstack_layer_params(grads, cfg.n_layers), atol=1e-6)
+
+
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(n_kv_heads=2), dict(n_kv_heads=1, use_bias=True, activation="gelu"), dict(qkv_bias=True)],
+    ids=["gqa-swiglu", "mqa-bias-gelu", "qkv-bias-swiglu"],
+)
+def test_fused_projections_give_the_same_logits(overrides, scan_layers):
+    cfg = config(scan_layers=scan_layers, **overrides)
+    params = params_for(cfg)
+    fused = fuse_projections(params)
+    layer = fused["layers" if scan_layers else "layers_0"]
+    assert set(layer["attention"]) == {"qkv", "out"}
+    assert ("wi_gate_up" in layer["mlp"]) == (cfg.activation == "swiglu")
+    assert ("bias" in layer["attention"]["qkv"]) == bool(cfg.use_bias or cfg.qkv_bias)
+    tokens = random_tokens(2, T)
+    np.testing.assert_allclose(forward(cfg, fused, tokens), forward(cfg, params, tokens), atol=1e-5, rtol=0)
+
+
+def test_fusing_projections_leaves_lora_layers_alone():
+    cfg = config(peft=PeftConfig(method="lora", lora_rank=2, lora_targets="query,wi_up"))
+    params = params_for(cfg)
+    fused = fuse_projections(params)
+    assert set(fused["layers"]["attention"]) == {"query", "key", "value", "out"}
+    assert set(fused["layers"]["mlp"]) == {"wi_gate", "wi_up", "wo"}
 
 
 REMAT_POLICIES = ("full", "save_dots", "save_dots_no_batch", "save_attention_mlp_out")

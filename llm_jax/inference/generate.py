@@ -22,7 +22,7 @@ import numpy as np
 from llm_jax.config import ModelConfig
 from llm_jax.inference.quantize import dequantize_params
 from llm_jax.inference.sampling import SamplingParams, sample
-from llm_jax.models import KVCache, Transformer, unstack_layer_params
+from llm_jax.models import KVCache, Transformer, fuse_projections, unstack_layer_params
 from llm_jax.models.layers import compute_dtype
 
 _NOT_GENERATED = -1  # in the output buffer: no token (row finished earlier)
@@ -108,12 +108,22 @@ def _unrolled(params, cfg: ModelConfig):
     return unstack_layer_params(params, cfg.n_layers), dataclasses.replace(cfg, scan_layers=False)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy"), donate_argnames=("state",))
+def _on_one_device(params) -> bool:
+    """Whether every parameter lives on a single device (then `_decode` may join projections;
+    on a mesh the joined kernels would mix differently split heads)."""
+    return all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params) if hasattr(x, "sharding"))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "fuse"), donate_argnames=("state",))
 def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops_SM, until_step,
-            greedy: bool = False):
+            greedy: bool = False, fuse: bool = False):
     """Decode until `until_step` or every row is done. `greedy=True` (see `_is_greedy`) takes the
-    argmax directly: no sort, no draw, and no penalty counts (they stay as they were)."""
+    argmax directly: no sort, no draw, and no penalty counts (they stay as they were).
+    `fuse=True` joins each layer's q/k/v and gate/up projections (`fuse_projections`)
+    once, outside the loop."""
     params, cfg = _unrolled(params, cfg)
+    if fuse:
+        params = fuse_projections(params)
     model = Transformer(cfg)
     rows = jnp.arange(state.done.shape[0])
 
@@ -121,10 +131,10 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
         return (s.step < until_step) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        key, draw_key = jax.random.split(s.key)
-        if greedy:
-            next_B = jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
+        if greedy:  # no draw, so the key stays as it is
+            key, next_B = s.key, jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
         else:
+            key, draw_key = jax.random.split(s.key)
             next_B = sample(s.logits, draw_key, sp, s.counts)
         token_B = jnp.where(s.done, _NOT_GENERATED, next_B)
         live_B = ~s.done
@@ -220,11 +230,11 @@ def stream(
     )
     emitted = [0] * B
     hold_back = stops.shape[1] - 1
-    greedy = _is_greedy(sampling)
+    greedy, fuse = _is_greedy(sampling), _on_one_device(params)
     until = 0
     while True:
         until = min(until + stream_interval, max_new_tokens)
-        state = _decode(params, cfg, state, sampling, stops, until, greedy=greedy)
+        state = _decode(params, cfg, state, sampling, stops, until, greedy=greedy, fuse=fuse)
         tokens, done, stop_len = jax.device_get((state.tokens, state.done, state.stop_len))
         finished = bool(done.all()) or int(state.step) >= max_new_tokens
         new = []

@@ -21,6 +21,7 @@ from llm_jax.models.transformer import (
     param_logical_axes,
     param_shapes,
     stack_layer_params,
+    fuse_projections,
     unstack_layer_params,
 )
 
@@ -33,5 +34,6 @@ __all__ = [
     "param_logical_axes",
     "param_shapes",
     "stack_layer_params",
+    "fuse_projections",
     "unstack_layer_params",
 ]

@@ -275,9 +275,13 @@ class Attention(nn.Module):
         cfg = self.cfg
         qkv_bias = cfg.use_bias if cfg.qkv_bias is None else cfg.qkv_bias
         N, K, H = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        q_BTNH = dense(cfg, (N, H), ("embed", "heads", "head_dim"), bias=qkv_bias, name="query")(x_BTD)
-        k_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="key")(x_BTD)
-        v_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="value")(x_BTD)
+        if self.has_variable("params", "qkv"):  # joined by `fuse_projections` for decoding
+            qkv_BTJH = dense(cfg, (N + 2 * K, H), ("embed", "heads", "head_dim"), bias=qkv_bias, name="qkv")(x_BTD)
+            q_BTNH, k_BTKH, v_BTKH = jnp.split(qkv_BTJH, (N, N + K), axis=-2)
+        else:
+            q_BTNH = dense(cfg, (N, H), ("embed", "heads", "head_dim"), bias=qkv_bias, name="query")(x_BTD)
+            k_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="key")(x_BTD)
+            v_BTKH = dense(cfg, (K, H), ("embed", "kv_heads", "head_dim"), bias=qkv_bias, name="value")(x_BTD)
         # Prompt tuning: soft-prompt rows lead x; they attend among themselves, never enter the cache.
         q_BTNH, k_BTKH, v_BTKH, prompt = peft_lib.split_prompt(cfg, q_BTNH, k_BTKH, v_BTKH)
         q_BTNH = nn.with_logical_constraint(q_BTNH, ("batch", "length", "heads", "head_dim"))

@@ -166,8 +166,12 @@ class MLP(nn.Module):
     def __call__(self, x_BTD):
         cfg = self.cfg
         act = _ACTIVATIONS[cfg.activation]
-        h_BTF = act(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_gate" if cfg.gated else "wi")(x_BTD))
-        if cfg.gated:
-            h_BTF = h_BTF * dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_up")(x_BTD)
+        if cfg.gated and self.has_variable("params", "wi_gate_up"):  # joined by `fuse_projections`
+            gate_BTF, up_BTF = jnp.split(dense(cfg, 2 * cfg.d_ff, ("embed", "mlp"), name="wi_gate_up")(x_BTD), 2, -1)
+            h_BTF = act(gate_BTF) * up_BTF
+        else:
+            h_BTF = act(dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_gate" if cfg.gated else "wi")(x_BTD))
+            if cfg.gated:
+                h_BTF = h_BTF * dense(cfg, cfg.d_ff, ("embed", "mlp"), name="wi_up")(x_BTD)
         h_BTF = nn.with_logical_constraint(h_BTF, ("batch", "length", "mlp"))
         return dense(cfg, cfg.d_model, ("mlp", "embed"), std=self.out_std, name="wo")(h_BTF)
