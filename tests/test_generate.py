@@ -1,6 +1,7 @@
 """The decoding loop and the samplers."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -212,9 +213,17 @@ def test_int8_cache_generation_runs_and_mostly_agrees():
     assert len(quant) == 12 and sum(a == b for a, b in zip(exact, quant)) >= 6
 
 
+def _while_body(hlo: str) -> str:
+    """The text of the (single) while loop's body computation in compiled HLO."""
+    (body,) = re.findall(r"while\(.*?body=%?([\w.-]+)", hlo)
+    start = re.search(rf"^%?{re.escape(body)} .*{{$", hlo, re.M).end()
+    return hlo[start : hlo.index("\n}", start)]
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["f32-cache", "int8-cache"])
 def test_the_decode_loop_writes_the_cache_in_place(int8):
-    """No step copies the whole cache: XLA orders the write after every layer's read (see Transformer)."""
+    """No step copies the whole cache or a layer of it: XLA orders the write after every
+    layer's read (see Transformer), and a float cache is read per layer as it is laid out."""
     import importlib
 
     gen = importlib.import_module("llm_jax.inference.generate")
@@ -224,8 +233,14 @@ def test_the_decode_loop_writes_the_cache_in_place(int8):
                          cache_len=tokens.shape[1] + 8, stop_window=1, int8_cache=int8)
     text = gen._decode.lower(params, cfg, state, SamplingParams.make(2, temperature=0.0), gen._stop_array([]), 8,
                              greedy=True).compile().as_text()
-    cache_shape = state.cache.k.shape
+    L, B, S, K, H = state.cache.k.shape
     dtype = "s8" if int8 else "f32"
-    dims = ",".join(map(str, cache_shape))
-    copies = [line for line in text.splitlines() if f"= {dtype}[{dims}]" in line and " copy(" in line]
+    whole = f"= {dtype}[{L},{B},{S},{K},{H}]"
+    copies = [line for line in text.splitlines() if whole in line and " copy(" in line]
     assert copies == [], copies[:2]
+    if not int8:  # the per-layer arrays of LayerKVCache: [B, K, H, S] keys, [B, K, S, H] values
+        body = _while_body(text)
+        assert f"f32[{B},{K},{H},{S}]" in body and f"f32[{B},{K},{S},{H}]" in body  # they are in the loop
+        layer = [line for line in body.splitlines() if "copy" in line
+                 and any(f"f32[{B},{K},{a},{b}]" in line for a, b in ((H, S), (S, H)))]
+        assert layer == [], layer[:2]

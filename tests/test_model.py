@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 from llm_jax.config import ModelConfig, PeftConfig
 from llm_jax.models import (
     KVCache,
+    LayerKVCache,
     Transformer,
     fuse_projections,
     init_params,
@@ -376,10 +377,12 @@ def test_dot_product_attention_matches_einsum(heads, case):
 # ------------------------------------------------------------------------- KV cache
 
 
-@functools.partial(jit, static_argnums=(0, 1))
-def full_and_cached_logits(cfg, n_prefill, params, tokens_BT):
+@functools.partial(jit, static_argnums=(0, 1), static_argnames=("per_layer",))
+def full_and_cached_logits(cfg, n_prefill, params, tokens_BT, per_layer=False):
     """Logits of one full forward pass, and from a KV cache: `n_prefill` tokens in one call,
     then one token per call (with mask='prefix' the prefilled tokens are the prefix).
+    `per_layer=True` decodes those tokens from a `LayerKVCache` with unrolled layers, as
+    `generate`'s loop does.
 
     Returns both logits [B, T, V] and cache.end after each cached call [calls, B].
     """
@@ -394,6 +397,10 @@ def full_and_cached_logits(cfg, n_prefill, params, tokens_BT):
     cache = KVCache.init(cfg, B, max_len=16)
     prefill, cache = model.apply({"params": params}, tokens_BT[:, :n_prefill], prefix_mask_BT=in_prefix, cache=cache)
     first_end = cache.end
+    if per_layer:
+        cache = LayerKVCache.from_cache(cache)
+        model = Transformer(dataclasses.replace(cfg, scan_layers=False))
+        params = unstack_layer_params(params, cfg.n_layers) if cfg.scan_layers else params
 
     def decode_one(cache, token_B):
         logits, cache = model.apply({"params": params}, token_B[:, None], cache=cache)
@@ -421,6 +428,27 @@ def test_kv_cache_decoding_matches_full_forward(heads, position, mask, window):
     np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0)
     # end = P after the prefill, then one more after each decoded token, in both rows.
     np.testing.assert_array_equal(ends, np.arange(P, T + 1)[:, None].repeat(2, axis=1))
+
+
+@pytest.mark.parametrize("heads,position,mask,window", KV_CASES[::2] + KV_CASES[-1:])
+def test_per_layer_cache_decoding_matches_full_forward(heads, position, mask, window):
+    cfg = config(n_kv_heads=HEADS[heads], position=position, mask=mask, sliding_window=window)
+    full, cached, ends = full_and_cached_logits(cfg, P, params_for(cfg), random_tokens(2, T), per_layer=True)
+    np.testing.assert_allclose(cached, full, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(ends, np.arange(P, T + 1)[:, None].repeat(2, axis=1))
+
+
+def test_per_layer_cache_round_trips_and_refuses_what_it_cannot_hold():
+    cfg = config(n_kv_heads=2)
+    cache = KVCache.init(cfg, 2, max_len=16)
+    cache = cache.replace(k=jax.random.normal(jax.random.key(0), cache.k.shape), end=jnp.array([3, 5]))
+    back = LayerKVCache.from_cache(cache).to_cache()
+    assert_trees_close(back, cache, atol=0)
+    with pytest.raises(ValueError, match="int8"):
+        LayerKVCache.from_cache(KVCache.init(cfg, 2, max_len=16, int8=True))
+    with pytest.raises(ValueError, match="scan_layers=false"):
+        Transformer(cfg).apply({"params": params_for(cfg)}, jnp.zeros((2, 1), jnp.int32),
+                               cache=LayerKVCache.from_cache(cache))
 
 
 # --------------------------------------------------------------------------- dropout

@@ -22,7 +22,8 @@ import numpy as np
 from llm_jax.config import ModelConfig
 from llm_jax.inference.quantize import dequantize_params
 from llm_jax.inference.sampling import SamplingParams, sample
-from llm_jax.models import KVCache, Transformer, fuse_projections, unstack_layer_params
+from llm_jax.models import KVCache, LayerKVCache, Transformer, fuse_projections, unstack_layer_params
+from llm_jax.models import peft as peft_lib
 from llm_jax.models.layers import compute_dtype
 
 _NOT_GENERATED = -1  # in the output buffer: no token (row finished earlier)
@@ -125,6 +126,11 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
     if fuse:
         params = fuse_projections(params)
     model = Transformer(cfg)
+    # Unrolled layers over a float cache decode from one array per layer, each laid out for
+    # the attention products (see LayerKVCache); copied in and back once per call.
+    per_layer = not cfg.scan_layers and state.cache.k_scale is None and not peft_lib.prompt_rows(cfg)
+    if per_layer:
+        state = state.replace(cache=LayerKVCache.from_cache(state.cache))
     rows = jnp.arange(state.done.shape[0])
 
     def cond(s: DecodeState):
@@ -156,7 +162,8 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
             key=key,
         )
 
-    return jax.lax.while_loop(cond, body, state)
+    state = jax.lax.while_loop(cond, body, state)
+    return state.replace(cache=state.cache.to_cache()) if per_layer else state
 
 
 def _check_and_pad(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):

@@ -12,28 +12,29 @@ vocab, layers`; activations are constrained on `batch, length, embed` (and `head
 `vocab` where they matter). One rules table in `llm_jax.parallel` maps them onto a mesh.
 """
 
-from llm_jax.models.attention import KVCache
+from llm_jax.models.attention import KVCache, LayerKVCache
 from llm_jax.models.transformer import (
     Transformer,
     abstract_params,
     count_params,
+    fuse_projections,
     init_params,
     param_logical_axes,
     param_shapes,
     stack_layer_params,
-    fuse_projections,
     unstack_layer_params,
 )
 
 __all__ = [
     "KVCache",
+    "LayerKVCache",
     "Transformer",
     "abstract_params",
     "count_params",
+    "fuse_projections",
     "init_params",
     "param_logical_axes",
     "param_shapes",
     "stack_layer_params",
-    "fuse_projections",
     "unstack_layer_params",
 ]

@@ -30,6 +30,7 @@ from llm_jax.models.attention import (
     Attention,
     AttentionContext,
     KVCache,
+    LayerKVCache,
     RelativePositionBias,
     attention_mask,
 )
@@ -105,6 +106,8 @@ class Transformer(nn.Module):
         cache:          decode against a `KVCache`: positions continue from `cache.end`.
         """
         cfg = self.cfg
+        if isinstance(cache, LayerKVCache) and cfg.scan_layers:
+            raise ValueError("a LayerKVCache holds one array per layer: it needs model.scan_layers=false")
         ctx, new_prefix = self._context(tokens_BT, positions_BT, segment_ids_BT, prefix_mask_BT, cache)
 
         embed = nn.Embed(
