@@ -148,7 +148,9 @@ class Norm(nn.Module):
 
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=True),  # GPT-2's tanh approximation
-    "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+    # The erf form (as PyTorch computes it): XLA's erf is one rational polynomial, while
+    # the erfc that nn.gelu(approximate=False) uses cost ~5x as much in an MLP on XLA:CPU.
+    "gelu_exact": lambda x: 0.5 * x * (1.0 + jax.lax.erf(x * (2.0**-0.5)).astype(x.dtype)),
     "relu": nn.relu,
     "silu": nn.silu,
     "swiglu": nn.silu,
