@@ -231,6 +231,7 @@ def test_the_decode_loop_writes_the_cache_in_place(int8):
     tokens, lengths = gen._check_and_pad(cfg, [[1, 2, 3], [4, 5]], 8)
     state = gen._prefill(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=8,
                          cache_len=tokens.shape[1] + 8, stop_window=1, int8_cache=int8)
+    params, cfg = gen._decoding_params(params, cfg)
     text = gen._decode.lower(params, cfg, state, SamplingParams.make(2, temperature=0.0), gen._stop_array([]), 8,
                              greedy=True).compile().as_text()
     L, B, S, K, H = state.cache.k.shape

@@ -96,35 +96,39 @@ def _is_greedy(sp: SamplingParams) -> bool:
     return bool(np.all(temperature == 0) and np.all(rep == 1) and np.all(presence == 0))
 
 
-def _unrolled(params, cfg: ModelConfig):
-    """The layer stack unrolled (`scan_layers=False`), its weights split once, outside the loop.
+def _decoding_params(params, cfg: ModelConfig):
+    """(params, cfg) as the decode loop reads them, prepared once per `generate` call.
 
-    Each step of a scanned stack slices (copies) every layer's weights out of the stacked
-    arrays before its matmuls, which triples the weight traffic of a memory-bound step.
-    Quantized weights (dataclass leaves) keep the scan, so they stay quantized in memory.
+    - The layer stack unrolled (`scan_layers=False`): each step of a scanned stack slices
+      (copies) every layer's weights out of the stacked arrays before its matmuls, which
+      triples the weight traffic of a memory-bound step. Quantized weights (dataclass
+      leaves) keep the scan, so they stay quantized in memory.
+    - On a single device, each layer's q/k/v and gate/up kernels joined
+      (`fuse_projections`); on a mesh the joined kernels would mix differently split heads.
+
+    Both copy the weights once (a jitted call), so a streamed generation, which runs the
+    loop once per `stream_interval` tokens, pays for it once, not per interval.
     """
     plain = all(not dataclasses.is_dataclass(x) for x in jax.tree.leaves(params, is_leaf=dataclasses.is_dataclass))
-    if not cfg.scan_layers or not plain:
+    unroll = cfg.scan_layers and plain
+    fuse = plain and all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params) if hasattr(x, "sharding"))
+    if not (unroll or fuse):
         return params, cfg
-    return unstack_layer_params(params, cfg.n_layers), dataclasses.replace(cfg, scan_layers=False)
+    return _prepare_weights(params, cfg, unroll, fuse), dataclasses.replace(cfg, scan_layers=cfg.scan_layers and not unroll)
 
 
-def _on_one_device(params) -> bool:
-    """Whether every parameter lives on a single device (then `_decode` may join projections;
-    on a mesh the joined kernels would mix differently split heads)."""
-    return all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params) if hasattr(x, "sharding"))
+@functools.partial(jax.jit, static_argnames=("cfg", "unroll", "fuse"))
+def _prepare_weights(params, cfg: ModelConfig, unroll: bool, fuse: bool):
+    params = unstack_layer_params(params, cfg.n_layers) if unroll else params
+    return fuse_projections(params) if fuse else params
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "greedy", "fuse"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("cfg", "greedy"), donate_argnames=("state",))
 def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, stops_SM, until_step,
-            greedy: bool = False, fuse: bool = False):
-    """Decode until `until_step` or every row is done. `greedy=True` (see `_is_greedy`) takes the
-    argmax directly: no sort, no draw, and no penalty counts (they stay as they were).
-    `fuse=True` joins each layer's q/k/v and gate/up projections (`fuse_projections`)
-    once, outside the loop."""
-    params, cfg = _unrolled(params, cfg)
-    if fuse:
-        params = fuse_projections(params)
+            greedy: bool = False):
+    """Decode until `until_step` or every row is done, from `_decoding_params`' weights.
+    `greedy=True` (see `_is_greedy`) takes the argmax directly: no sort, no draw, and no
+    penalty counts (they stay as they were)."""
     model = Transformer(cfg)
     # Unrolled layers over a float cache decode from one array per layer, each laid out for
     # the attention products (see LayerKVCache); copied in and back once per call.
@@ -237,11 +241,12 @@ def stream(
     )
     emitted = [0] * B
     hold_back = stops.shape[1] - 1
-    greedy, fuse = _is_greedy(sampling), _on_one_device(params)
+    greedy = _is_greedy(sampling)
+    params, cfg = _decoding_params(params, cfg)
     until = 0
     while True:
         until = min(until + stream_interval, max_new_tokens)
-        state = _decode(params, cfg, state, sampling, stops, until, greedy=greedy, fuse=fuse)
+        state = _decode(params, cfg, state, sampling, stops, until, greedy=greedy)
         tokens, done, stop_len = jax.device_get((state.tokens, state.done, state.stop_len))
         finished = bool(done.all()) or int(state.step) >= max_new_tokens
         new = []

@@ -273,7 +273,8 @@ def _attend_layer_cache(q_B1NH, k_B1KH, v_B1KH, k_BKHS, v_BKSH, start_B, mask_B1
     """One-query attention over a `LayerKVCache` layer, with this step's key and value held apart.
 
     Slot start_B of the cache is not written yet: its score and value come from the new
-    key and value, the rest from the cache as it is laid out (no copy of it).
+    key and value, the rest from the cache as it is laid out (no copy of it). Slots from
+    start_B on hold zeros or keys written before; their probabilities are exactly zero.
     """
     B, _, N, H = q_B1NH.shape
     K = k_BKHS.shape[1]
