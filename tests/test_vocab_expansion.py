@@ -12,8 +12,7 @@ from llm_jax.cli import main as cli_main
 from llm_jax.data.tokenizers import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 from llm_jax.data.vocab import add_tokens
 from llm_jax.models import Transformer, init_params
-from llm_jax.training.checkpoint import load_trained_model
-from llm_jax.training.checkpoint import save_model_checkpoint
+from llm_jax.training.checkpoint import load_trained_model, save_model_checkpoint
 from llm_jax.training.vocab_expansion import expand_run
 
 TEXT = "\n".join(f"def compute_{w}(x):\n    return x * {i} + offset_{w}\n" for i, w in enumerate(

@@ -114,7 +114,7 @@ def _decoding_params(params, cfg: ModelConfig):
     fuse = plain and all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params) if hasattr(x, "sharding"))
     if not (unroll or fuse):
         return params, cfg
-    return _prepare_weights(params, cfg, unroll, fuse), dataclasses.replace(cfg, scan_layers=cfg.scan_layers and not unroll)
+    return _prepare_weights(params, cfg, unroll, fuse), dataclasses.replace(cfg, scan_layers=False) if unroll else cfg
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "unroll", "fuse"))
