@@ -299,6 +299,25 @@ def test_fused_projections_give_the_same_logits(overrides, scan_layers):
     np.testing.assert_allclose(forward(cfg, fused, tokens), forward(cfg, params, tokens), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("tie_embeddings", [True, False], ids=["tied", "untied"])
+def test_logits_at_one_position_per_row_match_the_full_forward(tie_embeddings):
+    cfg = config(tie_embeddings=tie_embeddings)
+    params, tokens = params_for(cfg), random_tokens(2, T)
+    model = Transformer(cfg)
+    full, _ = model.apply({"params": params}, tokens)
+    at_B = jnp.array([T - 1, 4])  # rows end at different lengths, as padded prompts do
+    picked, _ = model.apply({"params": params}, tokens, logits_at_B=at_B)
+    assert picked.shape == (2, 1, cfg.vocab_size)
+    np.testing.assert_allclose(picked[:, 0], full[jnp.arange(2), at_B], atol=1e-6, rtol=0)
+    # With a cache: the same logits, and the same cache as a pass that computes them all.
+    caches = [model.apply({"params": params}, tokens, cache=KVCache.init(cfg, 2, max_len=16), **kw)
+              for kw in ({}, {"logits_at_B": at_B})]
+    np.testing.assert_allclose(caches[1][0][:, 0], caches[0][0][jnp.arange(2), at_B], atol=1e-6, rtol=0)
+    jax.tree.map(np.testing.assert_array_equal, caches[1][1], caches[0][1])
+    with pytest.raises(ValueError, match="logits_at_B must hold one position per row"):
+        model.apply({"params": params}, tokens, logits_at_B=jnp.array([1]))
+
+
 def test_fusing_projections_leaves_lora_layers_alone():
     cfg = config(peft=PeftConfig(method="lora", lora_rank=2, lora_targets="query,wi_up"))
     params = params_for(cfg)

@@ -79,8 +79,9 @@ def _prefill(params, cfg: ModelConfig, tokens_BP, lengths_B, beam_size: int, cac
     cache = KVCache.init(cfg, B, cache_len)
     in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
     prefix = in_prompt_BP if cfg.mask == "prefix" else None
-    logits_BPV, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache)
-    last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    logits_B1V, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache,
+                                               logits_at_B=lengths_B - 1)
+    last_BV = logits_B1V[:, 0]
     cache = cache.replace(end=lengths_B)  # padding slots get overwritten by generated tokens
     cache = jax.tree.map(lambda x, axis: jnp.repeat(x, beam_size, axis=axis), cache, _BATCH_AXIS)
     return cache, jnp.repeat(last_BV[:, None], beam_size, axis=1)

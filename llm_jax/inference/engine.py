@@ -133,11 +133,12 @@ def _forward(params, cfg: ModelConfig, k_pool, v_pool, counts_SV, tokens_RT, n_v
     R, T = tokens_RT.shape
     cache = PagedKVCache(k=k_pool, v=v_pool, page_table=table_RM, end=start_R)
     weights = dequantize_params(params, compute_dtype(cfg))
-    logits_RTV, cache = Transformer(cfg).apply({"params": weights}, tokens_RT, cache=cache)
+    logits_R1V, cache = Transformer(cfg).apply({"params": weights}, tokens_RT, cache=cache,
+                                               logits_at_B=jnp.maximum(n_valid_R - 1, 0))
     valid_RT = jnp.arange(T)[None, :] < n_valid_R[:, None]
     # Penalty counts cover every token fed so far (prompt and output), as in `generate`.
     counts_SV = counts_SV.at[slot_R[:, None], tokens_RT].add(valid_RT.astype(jnp.int32), mode="drop")
-    last_RV = jnp.take_along_axis(logits_RTV, jnp.maximum(n_valid_R - 1, 0)[:, None, None], axis=1)[:, 0]
+    last_RV = logits_R1V[:, 0]
 
     def sample_row(logits_V, key_data, sp_row, counts_V):
         key, draw = jax.random.split(jax.random.wrap_key_data(key_data))

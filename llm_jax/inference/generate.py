@@ -67,12 +67,12 @@ def _prefill(params, cfg: ModelConfig, tokens_BP, lengths_B, key, *, max_new_tok
     in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
     prefix = in_prompt_BP if cfg.mask == "prefix" else None
     params = dequantize_params(params, compute_dtype(cfg))
-    logits_BPV, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache)
-    last_BV = jnp.take_along_axis(logits_BPV, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    logits_B1V, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache,
+                                               logits_at_B=lengths_B - 1)
     counts = jnp.zeros((B, cfg.vocab_size), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(in_prompt_BP)
     return DecodeState(
         cache=cache.replace(end=lengths_B),  # padding slots get overwritten by generated tokens
-        logits=last_BV,
+        logits=logits_B1V[:, 0],
         tokens=jnp.full((B, max_new_tokens), _NOT_GENERATED, jnp.int32),
         step=jnp.zeros((), jnp.int32),
         done=jnp.zeros((B,), bool),
@@ -97,7 +97,7 @@ def _is_greedy(sp: SamplingParams) -> bool:
 
 
 def _decoding_params(params, cfg: ModelConfig):
-    """(params, cfg) as the decode loop reads them, prepared once per `generate` call.
+    """(params, cfg) as the prefill and the decode loop read them, prepared once per call.
 
     - The layer stack unrolled (`scan_layers=False`): each step of a scanned stack slices
       (copies) every layer's weights out of the stacked arrays before its matmuls, which
@@ -235,6 +235,7 @@ def stream(
         raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
     stops = _stop_array(stop_sequences)
     cache_len = tokens_BP.shape[1] + max_new_tokens
+    params, cfg = _decoding_params(params, cfg)
     state = _prefill(
         params, cfg, tokens_BP, lengths_B, jax.random.key(seed),
         max_new_tokens=max_new_tokens, cache_len=cache_len, stop_window=stops.shape[1], int8_cache=int8_cache,
@@ -242,7 +243,6 @@ def stream(
     emitted = [0] * B
     hold_back = stops.shape[1] - 1
     greedy = _is_greedy(sampling)
-    params, cfg = _decoding_params(params, cfg)
     until = 0
     while True:
         until = min(until + stream_interval, max_new_tokens)

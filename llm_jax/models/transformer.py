@@ -97,6 +97,7 @@ class Transformer(nn.Module):
         prefix_mask_BT: jax.Array | None = None,
         cache: KVCache | None = None,
         deterministic: bool = True,
+        logits_at_B: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits [B, T, V] in f32, and the updated cache (None when none was given).
 
@@ -104,6 +105,9 @@ class Transformer(nn.Module):
         segment_ids_BT: packed-document ids; tokens attend only within their segment.
         prefix_mask_BT: prefix-LM only: True on prefix tokens, which attend bidirectionally.
         cache:          decode against a `KVCache`: positions continue from `cache.end`.
+        logits_at_B:    one position per row: only its logits are computed, [B, 1, V] (a
+                        prompt's next token needs its last position's; the output
+                        projection of the others would be wasted).
         """
         cfg = self.cfg
         if isinstance(cache, LayerKVCache) and cfg.scan_layers:
@@ -144,6 +148,11 @@ class Transformer(nn.Module):
         x_BTD = Norm(cfg, name="final_norm")(x_BTD)
         # For heads on top of the LM (reward, value) and probing: apply(..., mutable="intermediates").
         self.sow("intermediates", "final_hidden_BTD", x_BTD)
+        if logits_at_B is not None:
+            if logits_at_B.shape != tokens_BT.shape[:1]:
+                raise ValueError(f"logits_at_B must hold one position per row, shape ({tokens_BT.shape[0]},); "
+                                 f"got shape {logits_at_B.shape}")
+            x_BTD = jnp.take_along_axis(x_BTD, logits_at_B[:, None, None], axis=1)
         if cfg.tie_embeddings:
             logits_BTV = embed.attend(x_BTD)
         else:
