@@ -13,30 +13,18 @@ from llm_jax.models import Transformer
 from llm_jax.training.checkpoint import load_trained_model
 from llm_jax.training.loop import train
 from llm_jax.training.metrics import read_metrics
+from text_runs import text_run_overrides
 
 STUDENT = {"model.d_model": 32, "model.n_layers": 1, "model.d_ff": 64}
 
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    names = ["anna", "bob", "carl", "dora", "eve"]
-    lines = [f"{rng.choice(names)} gives {rng.integers(10)} apples to {rng.choice(names)}." for _ in range(2000)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+# Short runs: no evaluation, checkpoints or sample beyond what a test asks for.
+QUIET = {"train.log_every": 5, "train.eval_every": 1000, "train.eval_steps": 1, "train.checkpoint_every": 1000,
+         "train.sample_tokens": 0, "train.tensorboard": "false", "optim.warmup_steps": 2, "optim.lr": 3e-3}
 
 
 def _config(corpus_file, run_dir, **extra):
-    settings = {
-        "data.source": "text", "data.path": str(corpus_file), "data.split": "tail", "data.tokenizer": "char",
-        "data.data_dir": str(corpus_file.parent / "datasets"), "data.seq_len": 32,
-        "train.run_dir": str(run_dir), "train.batch_size": 8, "train.log_every": 5, "train.eval_every": 1000,
-        "train.eval_steps": 1, "train.checkpoint_every": 1000, "train.progress_bar": "false",
-        "train.sample_tokens": 0, "train.tensorboard": "false", "optim.warmup_steps": 2, "optim.lr": 3e-3,
-        **extra,
-    }
-    return experiment.load("debug", [f"{k}={v}" for k, v in settings.items()])
+    return experiment.load("debug", text_run_overrides(corpus_file, run_dir, **{**QUIET, **extra}))
 
 
 @pytest.fixture(scope="module")

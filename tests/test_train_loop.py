@@ -17,32 +17,21 @@ from llm_jax.config import ConfigError, override
 from llm_jax.training.checkpoint import Checkpointer, load_trained_model
 from llm_jax.training.loop import TrainingDiverged, train
 from llm_jax.training.metrics import read_metrics
+from text_runs import text_run_overrides
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-    """A small text whose patterns a tiny model picks up in a few dozen steps."""
-    rng = np.random.default_rng(0)
-    names = ["anna", "bob", "carl", "dora", "eve"]
-    lines = [f"{rng.choice(names)} gives {rng.integers(10)} apples to {rng.choice(names)}." for _ in range(3000)]
-    path = tmp_path_factory.mktemp("text") / "corpus.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+# Each test's run: 30 steps, evaluated and checkpointed every 10, with a sample at the end.
+LOOP = {"train.steps": 30, "train.log_every": 1, "train.eval_every": 10, "train.eval_steps": 2,
+        "train.checkpoint_every": 10, "train.sample_prompt": "anna gives", "train.sample_tokens": 8,
+        "optim.warmup_steps": 5}
 
 
 def _overrides(corpus_file, run_dir, **extra):
-    settings = {
-        "data.source": "text", "data.path": str(corpus_file), "data.split": "tail", "data.tokenizer": "char",
-        "data.data_dir": str(run_dir.parent / "datasets"), "data.seq_len": 32,
-        "train.run_dir": str(run_dir), "train.steps": 30, "train.batch_size": 8, "train.log_every": 1,
-        "train.eval_every": 10, "train.eval_steps": 2, "train.checkpoint_every": 10,
-        "train.progress_bar": "false", "train.sample_prompt": "anna gives", "train.sample_tokens": 8,
-        "optim.warmup_steps": 5,
-    }
-    settings.update(extra)
-    return [f"{k}={v}" for k, v in settings.items()]
+    # Each test prepares its own dataset: a run killed mid-way must not leave one for others.
+    return text_run_overrides(corpus_file, run_dir, **{"data.data_dir": str(run_dir.parent / "datasets"), **LOOP,
+                                                       **extra})
 
 
 def _config(corpus_file, run_dir, **extra):

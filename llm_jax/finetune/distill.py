@@ -4,20 +4,19 @@
          + (1 - alpha) * CE(student, targets)                  per unmasked token, averaged
 
 `distillation_loss` is the loss alone, on logits, returning token-summed metrics the
-way `llm_jax.training.losses.cross_entropy_loss` does. `distill_train_step` is the
-training package's step for it: the same batches (`inputs`, `targets`, optional
-`loss_mask`, `segment_ids`, `positions`, `prefix_mask`), the same `TrainState`, the same
-skipping of non-finite steps; the frozen teacher runs inside the step, so its logits
-are never stored. Teacher and student share the vocabulary (and the tokenizer), not
-necessarily the architecture. `DistillationObjective` is the same loss as an objective
-of `llm_jax.training.step`, which is how `llm-jax train` distils (`train.distill_from`),
-with its mesh, microbatches and checkpoints.
+way `llm_jax.training.losses.cross_entropy_loss` does. `DistillationObjective` is that
+loss as an objective of `llm_jax.training.step`: the frozen teacher runs inside the step,
+so its logits are never stored, on the usual batches (`inputs`, `targets`, optional
+`loss_mask`, `segment_ids`, `positions`, `prefix_mask`) and `TrainState`, with the same
+skipping of non-finite steps. `distill_train_step` is that step for one batch;
+`llm-jax train` distils the same way (`train.distill_from`), with its mesh,
+microbatches and checkpoints. Teacher and student share the vocabulary (and the
+tokenizer), not necessarily the architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 from llm_jax.config import ModelConfig
 from llm_jax.finetune.align_config import DistillConfig
 from llm_jax.models import Transformer
-from llm_jax.training.step import apply_gradients
+from llm_jax.training.step import train_step
 
 
 def distillation_loss(student_logits_BTV, teacher_logits_BTV, targets_BT, mask_BT=None, *,
@@ -76,19 +75,13 @@ def _check_vocab(student_cfg: ModelConfig, teacher_cfg: ModelConfig) -> None:
                          f"{teacher_cfg.vocab_size}; distillation needs one vocabulary")
 
 
-@functools.partial(jax.jit, static_argnames=("student_cfg", "teacher_cfg", "cfg"), donate_argnums=0)
 def distill_train_step(state, teacher_params, batch, *, student_cfg: ModelConfig, teacher_cfg: ModelConfig,
                        cfg: DistillConfig):
-    """One optimizer step of the student (`state`, a `TrainState`) towards the frozen teacher."""
+    """One optimizer step of the student (`state`, a `TrainState`, donated) towards the frozen
+    teacher: the training package's `train_step` minimising a `DistillationObjective`.
+
+    Metrics: the mixed `loss`, `kl_to_teacher` and `label_ce` per token, `tokens`, and the
+    step's own (grad_norm, skipped, bad_in_a_row)."""
     _check_vocab(student_cfg, teacher_cfg)
-    teacher_logits_BTV = jax.lax.stop_gradient(_logits(teacher_params, teacher_cfg, batch))
-
-    def loss_fn(params):
-        return distillation_loss(_logits(params, student_cfg, batch), teacher_logits_BTV, batch["targets"],
-                                 batch.get("loss_mask"), temperature=cfg.temperature, alpha=cfg.alpha)
-
-    (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    state, step_metrics = apply_gradients(state, grads, loss)
-    tokens = jnp.maximum(sums["tokens"], 1.0)
-    return state, {"loss": loss, "kl": sums["kl_sum"] / tokens, "ce": sums["ce_sum"] / tokens,
-                   "tokens": sums["tokens"], **step_metrics}
+    return train_step(state, batch, teacher_params, model_cfg=student_cfg,
+                      loss_fn=DistillationObjective(teacher_cfg, cfg))
