@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from llm_jax.config import ModelConfig
-from llm_jax.inference import SamplingParams, filter_logits, generate, sample
+from llm_jax.inference import SamplingParams, filter_logits, generate, prepare_decoding_weights, sample
 from llm_jax.models import Transformer, init_params
 
 # A large init makes a random model's next-token choices vary with the context, so that
@@ -54,6 +54,18 @@ def test_greedy_generation_matches_the_full_forward_pass(changes):
     assert len(out.tokens[0]) == 12 and out.finish_reasons == ["length"]
     assert _is_greedy_continuation(params, cfg, prompt, out.tokens[0])
     assert len(set(out.tokens[0])) > 1  # the test model does not just repeat one token
+
+
+def test_weights_prepared_once_decode_alike_and_are_not_prepared_again():
+    cfg, params = _model()
+    prepared, prepared_cfg = prepare_decoding_weights(params, cfg)
+    assert not prepared_cfg.scan_layers and "qkv" in prepared["layers_0"]["attention"]
+    again = prepare_decoding_weights(prepared, prepared_cfg)
+    assert again[0] is prepared and again[1] == prepared_cfg
+    prompts = [[3, 17, 5], [9, 22, 1, 4, 30]]
+    for sampling in (GREEDY, dict(temperature=0.8, top_p=0.9)):
+        ref = generate(params, cfg, prompts, max_new_tokens=10, sampling=sampling, seed=3)
+        assert generate(prepared, prepared_cfg, prompts, max_new_tokens=10, sampling=sampling, seed=3) == ref
 
 
 def test_padding_never_changes_an_answer():
@@ -231,7 +243,7 @@ def test_the_decode_loop_writes_the_cache_in_place(int8):
     tokens, lengths = gen._check_and_pad(cfg, [[1, 2, 3], [4, 5]], 8)
     state = gen._prefill(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=8,
                          cache_len=tokens.shape[1] + 8, stop_window=1, int8_cache=int8)
-    params, cfg = gen._decoding_params(params, cfg)
+    params, cfg = gen.prepare_decoding_weights(params, cfg)
     text = gen._decode.lower(params, cfg, state, SamplingParams.make(2, temperature=0.0), gen._stop_array([]), 8,
                              greedy=True).compile().as_text()
     L, B, S, K, H = state.cache.k.shape

@@ -2,7 +2,7 @@
 speculative decoding and weight-only quantization (`llm_jax.inference.quantize`)."""
 
 from llm_jax.inference.beam_search import BeamSearchResult, beam_search
-from llm_jax.inference.generate import Generation, Tokenizer, generate, stream
+from llm_jax.inference.generate import Generation, Tokenizer, generate, prepare_decoding_weights, stream
 from llm_jax.inference.sampling import SamplingParams, filter_logits, sample
 from llm_jax.inference.speculative import SpeculativeResult, speculative_generate
 
@@ -15,6 +15,7 @@ __all__ = [
     "beam_search",
     "filter_logits",
     "generate",
+    "prepare_decoding_weights",
     "sample",
     "speculative_generate",
     "stream",

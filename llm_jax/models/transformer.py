@@ -316,14 +316,30 @@ def fuse_projections(params):
     if not isinstance(params, dict):
         return params
     out = {name: fuse_projections(value) for name, value in params.items()}
+    for module, fused, parts, axis in _joinable(out):
+        tree = out[module]
+        joined = {leaf: jnp.concatenate([tree[p][leaf] for p in parts], axis=axis) for leaf in tree[parts[0]]}
+        out[module] = {name: value for name, value in tree.items() if name not in parts} | {fused: joined}
+    return out
+
+
+def has_joinable_projections(params) -> bool:
+    """Whether `fuse_projections` would join anything (False once it has)."""
+    if not isinstance(params, dict):
+        return False
+    return bool(_joinable(params)) or any(has_joinable_projections(v) for v in params.values())
+
+
+def _joinable(params: dict) -> list:
+    """The entries of _FUSED_PROJECTIONS whose parts this level holds as plain kernels (and biases)."""
+    out = []
     for module, fused, parts, axis in _FUSED_PROJECTIONS:
-        tree = out.get(module)
+        tree = params.get(module)
         if not isinstance(tree, dict) or not all(_plain_projection(tree.get(p)) for p in parts):
             continue
         if len({frozenset(tree[p]) for p in parts}) != 1:
             continue  # some have a bias and some do not
-        joined = {leaf: jnp.concatenate([tree[p][leaf] for p in parts], axis=axis) for leaf in tree[parts[0]]}
-        out[module] = {name: value for name, value in tree.items() if name not in parts} | {fused: joined}
+        out.append((module, fused, parts, axis))
     return out
 
 
