@@ -206,10 +206,11 @@ def test_int8_cache_stays_close_to_the_full_precision_cache():
     full, _ = model.apply({"params": params}, tokens)
     cache = KVCache.init(cfg, 2, 32, int8=True)
     assert cache.k.dtype == jnp.int8 and cache.k_scale.shape == cache.k.shape[:-1]
-    prefill, cache = model.apply({"params": params}, tokens[:, :16], cache=cache)
+    apply = jax.jit(lambda tokens, cache: model.apply({"params": params}, tokens, cache=cache))
+    prefill, cache = apply(tokens[:, :16], cache)
     steps = [prefill]
     for t in range(16, 24):
-        logits, cache = model.apply({"params": params}, tokens[:, t : t + 1], cache=cache)
+        logits, cache = apply(tokens[:, t : t + 1], cache)
         steps.append(logits)
     incremental = jnp.concatenate(steps, axis=1)
     err = float(jnp.abs(incremental - full).max())
