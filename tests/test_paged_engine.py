@@ -114,6 +114,17 @@ def test_engine_gives_each_request_what_generate_gives_it_alone(params, referenc
     assert snap["pages_available"] == ENGINE.num_pages - 1  # every page came back
 
 
+def test_submitting_sends_nothing_to_the_device(params):
+    """`submit` runs on the server's event loop, which must not dispatch JAX work; the
+    request's key is made on the engine's thread, and it gets the same tokens."""
+    engine = Engine(params, CFG, ENGINE)
+    with jax.transfer_guard("disallow"):
+        request = engine.submit(PROMPTS[0], max_tokens=4, sampling=SETTINGS[1], seed=7)
+    engine.run_until_idle()
+    alone = generate(params, CFG, [PROMPTS[0]], max_new_tokens=4, sampling=SETTINGS[1], seed=7)
+    assert request.output == alone.tokens[0]
+
+
 def test_prefix_cache_reuses_the_pages_of_a_shared_prompt(params):
     shared = RNG.integers(0, 64, 13).tolist()
     engine = Engine(params, CFG, ENGINE)

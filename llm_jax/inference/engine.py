@@ -189,7 +189,6 @@ class Engine:
                           on_update=on_update)
         self._validate(request)
         request.id = next(self._ids)
-        request.key_data = np.asarray(jax.random.key_data(jax.random.key(seed)))
         request.submitted_at = time.perf_counter()
         with self._lock:
             self._inbox.append(("submit", request))
@@ -302,6 +301,9 @@ class Engine:
             items, self._inbox = list(self._inbox), collections.deque()
         for kind, r in items:
             if kind == "submit":
+                # The key is made here, on the engine's thread: `submit` runs on the server's
+                # event loop, which must not dispatch to the device.
+                r.key_data = np.asarray(jax.random.key_data(jax.random.key(r.seed)))
                 bisect.insort(self.waiting, r, key=lambda q: q.id)
             elif r.finish_reason is None:
                 if r in self.waiting:
