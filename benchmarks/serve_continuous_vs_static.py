@@ -3,9 +3,10 @@
 Loopback only, bounded: a fixed list of requests (mixed prompt and output lengths, seeded)
 is streamed by concurrent clients to a server on 127.0.0.1; once with continuous batching
 (requests join the running batch between steps), once with static batching (a batch is
-admitted only when the previous one has finished entirely). Greedy decoding with `ignore_eos`, so both runs must produce the same
-text for every request, which the script checks, along with every request finishing with
-exactly its max_tokens. Prints throughput, time to first token and latency percentiles.
+admitted only when the previous one has finished entirely). Greedy decoding with
+`ignore_eos`, so both runs must produce the same text for every request, which the script
+checks, along with every request finishing with exactly its max_tokens. Prints
+throughput, time to first token and latency percentiles.
 
 The load generator is one asyncio loop in a separate process that speaks HTTP/1.1 through
 h11 (uvicorn's own dependency) and parses the server-sent events itself: the official

@@ -23,7 +23,6 @@ from llm_jax.finetune.dpo import dpo_loss, train_dpo
 from llm_jax.finetune.ppo import generalized_advantages, train_ppo
 from llm_jax.finetune.preference import (
     PreferenceDataError,
-    encode_pairs,
     preference_data,
     read_preference_pairs,
     read_prompts,
