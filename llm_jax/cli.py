@@ -352,6 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-pages", type=int, default=None,
                    help="KV-cache pool size in pages (default: max-batch full-length sequences)")
     p.add_argument("--prefill-chunk", type=int, default=64, help="prompt tokens per row per step (chunked prefill)")
+    p.add_argument("--paged-attention", choices=("auto", "gather", "pallas"), default="auto",
+                   help="how decode steps read the KV pages: an XLA gather, JAX's Pallas GPU kernel, or auto "
+                   "(the kernel on a GPU when the model allows it)")
     p.add_argument("--max-concurrent", type=int, default=64, help="requests in flight before answering 429")
     p.add_argument("--max-prompt-tokens", type=int, default=None, help="default: the model's context - 1")
     p.add_argument("--max-tokens", type=int, default=None, help="the largest max_tokens a request may ask for")

@@ -11,7 +11,7 @@ from llm_jax.config import ModelConfig
 from llm_jax.inference import generate
 from llm_jax.inference.engine import Engine, EngineConfig, RequestError
 from llm_jax.inference.paged_cache import PagePool, page_keys
-from llm_jax.models import KVCache, Transformer, init_params
+from llm_jax.models import KVCache, Transformer, init_params, unstack_layer_params
 from llm_jax.models.paged import PagedKVCache
 
 # A large init makes the random model's choices depend on the context (see test_generate.py).
@@ -76,6 +76,49 @@ def test_paged_decoding_equals_the_dense_cache_and_the_full_forward(params):
     np.testing.assert_allclose(paged, full, atol=1e-5, rtol=1e-5)
 
 
+def test_pallas_kernel_steps_equal_the_gather_path_and_the_full_forward(params):
+    """kernel='pallas': each one-token step reads the pages through JAX's Pallas GPU kernel
+    (in interpret mode on a CPU), each layer writing its key and value first; the prefill
+    gathers. Grouped-query heads, pages scattered over the pool, rows of different lengths."""
+    cfg = dataclasses.replace(CFG, scan_layers=False)
+    unrolled = unstack_layer_params(params, CFG.n_layers)
+    apply = jax.jit(lambda p, tokens, cache: Transformer(cfg).apply({"params": p}, tokens, cache=cache))
+    tokens = jnp.asarray(RNG.integers(0, 64, (2, 20)))
+    table = np.zeros((2, 8), np.int32)
+    table[0, :5], table[1, :6] = [3, 7, 1, 9, 2], [4, 5, 6, 8, 10, 11]
+    out = {}
+    for kernel in ("gather", "pallas"):
+        k, v = PagedKVCache.init_pool(CFG, num_pages=12, page_size=4)
+        cache = PagedKVCache(k=k, v=v, page_table=jnp.asarray(table), end=jnp.asarray([0, 3]), kernel=kernel)
+        logits, cache = apply(unrolled, tokens[:, :7], cache)
+        steps = [logits]
+        for t in range(7, 20):
+            logits, cache = apply(unrolled, tokens[:, t : t + 1], cache)
+            steps.append(logits)
+        out[kernel] = jnp.concatenate(steps, axis=1), cache
+    np.testing.assert_allclose(out["pallas"][0], out["gather"][0], atol=3e-5, rtol=1e-5)
+    np.testing.assert_allclose(out["pallas"][1].k, out["gather"][1].k, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(out["pallas"][1].end, [20, 23])
+    # Row 0 started empty: its logits are the full forward's.
+    full = Transformer(cfg).apply({"params": unrolled}, tokens[:1])[0]
+    np.testing.assert_allclose(out["pallas"][0][0], full[0], atol=3e-5, rtol=1e-5)
+
+
+def test_the_pallas_kernel_step_needs_unrolled_layers_and_no_position_bias(params):
+    k, v = PagedKVCache.init_pool(CFG, num_pages=12, page_size=4)
+    cache = PagedKVCache(k=k, v=v, page_table=jnp.ones((1, 8), jnp.int32), end=jnp.asarray([3]), kernel="pallas")
+    with pytest.raises(ValueError, match="model.scan_layers=false"):
+        Transformer(CFG).apply({"params": params}, jnp.ones((1, 1), jnp.int32), cache=cache)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        PagedKVCache(k=k, v=v, page_table=cache.page_table, end=cache.end, kernel="flash")
+    with pytest.raises(ValueError, match="model.position='alibi'"):
+        Engine(params, dataclasses.replace(CFG, position="alibi"),
+               dataclasses.replace(ENGINE, paged_attention="pallas"))
+    with pytest.raises(ValueError, match="paged_attention must be"):
+        dataclasses.replace(ENGINE, paged_attention="triton")
+    assert Engine(params, CFG, ENGINE).kernel == "gather"  # "auto" on a CPU
+
+
 def test_paged_cache_refuses_non_causal_models():
     with pytest.raises(ValueError, match="mask='prefix'"):
         PagedKVCache.init_pool(dataclasses.replace(CFG, mask="prefix"), 8, 4)
@@ -112,6 +155,14 @@ def test_engine_gives_each_request_what_generate_gives_it_alone(params, referenc
     snap = engine.snapshot()
     assert snap["pages_in_use"] == 0 and snap["running"] == 0 and snap["waiting"] == 0
     assert snap["pages_available"] == ENGINE.num_pages - 1  # every page came back
+
+
+def test_an_engine_on_the_pallas_kernel_gives_each_request_what_generate_gives_it(params, reference):
+    """The same requests (preemption included) with decode steps through the Pallas kernel."""
+    engine, requests = _run(params, dataclasses.replace(ENGINE, paged_attention="pallas"))
+    assert engine.kernel == "pallas" and not engine.cfg.scan_layers  # the engine unrolled the weights
+    assert [r.output for r in requests] == reference
+    assert engine.stats["preemptions"] > 0
 
 
 def test_submitting_sends_nothing_to_the_device(params):

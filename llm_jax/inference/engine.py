@@ -10,7 +10,9 @@ One `Engine.step()`:
                is empty the youngest running request is preempted: its pages go back and it
                waits to be recomputed (its prompt plus what it had generated) when room returns
     run        one jitted prefill call [prefill_rows, prefill_chunk] and one jitted decode call
-               [max_batch, 1]; both write through page tables into the same pool
+               [max_batch, 1]; both write through page tables into the same pool (the decode
+               call reads it through JAX's Pallas paged-attention kernel on a GPU, see
+               `EngineConfig.paged_attention`)
     finish     new tokens are checked against stop sequences and max_tokens; finished rows
                free their slot and pages at once
 
@@ -41,7 +43,7 @@ from llm_jax.config import ModelConfig
 from llm_jax.inference.paged_cache import PagePool, chain_key
 from llm_jax.inference.quantize import dequantize_params
 from llm_jax.inference.sampling import SamplingParams, sample
-from llm_jax.models import Transformer
+from llm_jax.models import Transformer, unstack_layer_params
 from llm_jax.models.layers import compute_dtype
 from llm_jax.models.paged import NULL_PAGE, PagedKVCache
 
@@ -73,6 +75,11 @@ class EngineConfig:
     prefill_rows: int = 2  # prompts advanced per step
     prefix_caching: bool = True  # share the pages of a common prompt prefix
     static_batching: bool = False  # benchmark reference: admit only into an empty batch
+    # How decode steps read the pages (models/paged.py): "gather" (XLA, every backend),
+    # "pallas" (JAX's Pallas GPU kernel; on a CPU in interpret mode, for tests) or "auto"
+    # (the kernel on a GPU when the model allows it and head_dim and page_size are
+    # multiples of 16, else the gather). Prefill chunks always gather.
+    paged_attention: str = "auto"
 
     def __post_init__(self):
         for name in ("max_batch", "page_size", "prefill_chunk", "prefill_rows"):
@@ -80,6 +87,9 @@ class EngineConfig:
                 raise ValueError(f"engine.{name} must be >= 1, got {getattr(self, name)}")
         if self.num_pages < 2:
             raise ValueError(f"engine.num_pages must be >= 2 (page 0 is the null page), got {self.num_pages}")
+        if self.paged_attention not in ("auto", "gather", "pallas"):
+            raise ValueError(f"engine.paged_attention must be 'auto', 'gather' or 'pallas', "
+                             f"got {self.paged_attention!r}")
         if self.prefill_rows > self.max_batch:
             raise ValueError(f"engine.prefill_rows={self.prefill_rows} exceeds engine.max_batch={self.max_batch}")
 
@@ -121,9 +131,31 @@ class Request:
         return len(self.prompt) + len(self.output) - self.n_cached
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("k_pool", "v_pool", "counts_SV"))
-def _forward(params, cfg: ModelConfig, k_pool, v_pool, counts_SV, tokens_RT, n_valid_R, start_R, table_RM, slot_R,
-             keys_R, sp: SamplingParams):
+def _decode_kernel(cfg: ModelConfig, config: "EngineConfig") -> str:
+    """EngineConfig.paged_attention resolved for this model and backend: "gather" or "pallas"."""
+    choice = config.paged_attention
+    if choice == "gather":
+        return choice
+    backend = jax.default_backend()
+    unsupported = [why for bad, why in ((cfg.position in ("alibi", "relative"), f"model.position={cfg.position!r}"),
+                                        (cfg.sliding_window is not None, "model.sliding_window"))
+                   if bad]
+    if choice == "auto":
+        # The kernel's matrix products run in Triton tiles of at least 16 on each side.
+        tiles = cfg.head_dim % 16 == 0 and config.page_size % 16 == 0
+        return "pallas" if backend == "gpu" and tiles and not unsupported else "gather"
+    if unsupported:
+        raise ValueError(f"engine.paged_attention='pallas': the Pallas kernel has no position bias or sliding "
+                         f"window, and this model has {' and '.join(unsupported)}; use 'gather' or 'auto'")
+    if backend not in ("gpu", "cpu"):
+        raise ValueError(f"engine.paged_attention='pallas' runs JAX's GPU kernel (interpreted on a CPU); "
+                         f"on {backend!r} use 'gather' or 'auto'")
+    return choice
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kernel"), donate_argnames=("k_pool", "v_pool", "counts_SV"))
+def _forward(params, cfg: ModelConfig, kernel: str, k_pool, v_pool, counts_SV, tokens_RT, n_valid_R, start_R,
+             table_RM, slot_R, keys_R, sp: SamplingParams):
     """Feed each row's tokens through the paged cache and sample the token after its last one.
 
     Rows are requests (slot_R indexes the per-slot penalty counts; an out-of-range slot
@@ -131,7 +163,7 @@ def _forward(params, cfg: ModelConfig, k_pool, v_pool, counts_SV, tokens_RT, n_v
     Returns the pools, counts, the sampled tokens [R] and each row's advanced key.
     """
     R, T = tokens_RT.shape
-    cache = PagedKVCache(k=k_pool, v=v_pool, page_table=table_RM, end=start_R)
+    cache = PagedKVCache(k=k_pool, v=v_pool, page_table=table_RM, end=start_R, kernel=kernel)
     weights = dequantize_params(params, compute_dtype(cfg))
     logits_R1V, cache = Transformer(cfg).apply({"params": weights}, tokens_RT, cache=cache,
                                                logits_at_B=jnp.maximum(n_valid_R - 1, 0))
@@ -164,6 +196,10 @@ class Engine:
 
     def __init__(self, params, cfg: ModelConfig, config: EngineConfig = EngineConfig()):
         self.params, self.cfg, self.config = params, cfg, config
+        self.kernel = _decode_kernel(cfg, config)
+        if self.kernel == "pallas" and cfg.scan_layers:  # the kernel step passes the pools from layer to layer
+            self.params = unstack_layer_params(params, cfg.n_layers)
+            self.cfg = dataclasses.replace(cfg, scan_layers=False)
         self.pool = PagePool(config.num_pages, config.page_size, prefix_caching=config.prefix_caching)
         self.k_pool, self.v_pool = PagedKVCache.init_pool(cfg, config.num_pages, config.page_size)
         self.max_pages = math.ceil(cfg.max_seq_len / config.page_size)
@@ -407,8 +443,8 @@ class Engine:
             for name, value in r.sampling.items():
                 sp[name][i] = value
         self.k_pool, self.v_pool, self.counts, out_tokens, out_keys = _forward(
-            self.params, self.cfg, self.k_pool, self.v_pool, self.counts, tokens, n_valid, start, table, slot, keys,
-            SamplingParams(**sp),
+            self.params, self.cfg, self.kernel, self.k_pool, self.v_pool, self.counts, tokens, n_valid, start, table,
+            slot, keys, SamplingParams(**sp),
         )
         return out_tokens, out_keys
 

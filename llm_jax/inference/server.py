@@ -515,14 +515,16 @@ def serve_main(args) -> int:
 
     run_dir = pathlib.Path(args.checkpoint)
     engine_options = dict(max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
-                          prefill_chunk=args.prefill_chunk, prefill_rows=min(2, args.max_batch))
+                          prefill_chunk=args.prefill_chunk, prefill_rows=min(2, args.max_batch),
+                          paged_attention=args.paged_attention)
     server_config = ServerConfig(model_name=args.model_name or run_dir.absolute().name,
                                  max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                                  max_tokens=args.max_tokens, max_concurrent=args.max_concurrent)
     app, engine = load_server(run_dir, step=args.step, engine_options=engine_options, server_config=server_config,
                               chat_template_path=args.chat_template, quantize=args.quantize)
     print(f"llm-jax serve: {server_config.model_name} on http://{args.host}:{args.port}/v1 "
-          f"({engine.config.num_pages} pages x {engine.config.page_size} tokens, batch {engine.config.max_batch})",
+          f"({engine.config.num_pages} pages x {engine.config.page_size} tokens, batch {engine.config.max_batch}, "
+          f"paged attention: {engine.kernel})",
           flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0

@@ -24,7 +24,7 @@ from llm_jax.config import ModelConfig
 from llm_jax.models import positions as pos_lib
 from llm_jax.models import peft as peft_lib
 from llm_jax.models.layers import compute_dtype, dense
-from llm_jax.models.paged import PagedWrite, paged_update
+from llm_jax.models.paged import PagedKernelStep, PagedWrite, paged_kernel_attention, paged_update
 
 # A large negative logit instead of -inf: a fully masked row (padding) softmaxes to a
 # uniform distribution rather than NaN, and its output is never read.
@@ -181,7 +181,8 @@ class AttentionContext:
     q_pos: jax.Array  # [B, T] positions of the queries (RoPE angles)
     mask: jax.Array  # [B, 1, T, S] bool
     bias: jax.Array | None  # [B, N, T, S] f32 (ALiBi / relative buckets) or None
-    write_at: CacheWrite | LayerCacheRead | PagedWrite | None  # how to read the cache, None without one
+    # How to read the cache (None without one).
+    write_at: CacheWrite | LayerCacheRead | PagedWrite | PagedKernelStep | None
 
 
 def attention_mask(
@@ -379,7 +380,13 @@ class Attention(nn.Module):
             q_BTNH = pos_lib.apply_rope(q_BTNH, ctx.q_pos, inv_freq)
             k_BTKH = pos_lib.apply_rope(k_BTKH, ctx.q_pos, inv_freq)
 
-        if isinstance(ctx.write_at, LayerCacheRead):  # a decoding step over a LayerKVCache
+        if isinstance(ctx.write_at, PagedKernelStep):  # a one-token step through the Pallas kernel
+            if q_BTNH.shape[1] != 1 or ctx.bias is not None or cfg.sliding_window is not None:
+                raise ValueError("the Pallas paged-attention kernel takes one token per row and has no position "
+                                 "bias or sliding window (model.position alibi/relative, model.sliding_window): "
+                                 "use the gather path (PagedKVCache kernel='gather')")
+            out_BTNH, new_kv = paged_kernel_attention(q_BTNH, k_BTKH, v_BTKH, kv, ctx.write_at)
+        elif isinstance(ctx.write_at, LayerCacheRead):  # a decoding step over a LayerKVCache
             if q_BTNH.shape[1] != 1:
                 raise ValueError("a LayerKVCache decodes one token per row (no soft-prompt rows)")
             k_BKHS, v_BKSH = (c.astype(q_BTNH.dtype) for c in kv)

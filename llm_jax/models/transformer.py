@@ -36,6 +36,7 @@ from llm_jax.models.attention import (
 )
 from llm_jax.models import peft as peft_lib
 from llm_jax.models.layers import MLP, Norm, compute_dtype, dense, param_dtype
+from llm_jax.models.paged import PagedKernelStep, WrittenPools
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -211,6 +212,8 @@ class Transformer(nn.Module):
         if cfg.remat != "none":
             # Inside scan the loop boundary already prevents CSE from undoing remat.
             block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        if isinstance(ctx.write_at, PagedKernelStep):
+            return self._kernel_step_layers(block, x_BTD, ctx, deterministic)
         if cfg.scan_layers:
             stack = nn.scan(
                 block,
@@ -227,6 +230,22 @@ class Transformer(nn.Module):
             x_BTD, layer_kv = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, ctx, layer_kv)
             new_kv.append(layer_kv)
         return x_BTD, (None if kv is None else tuple(jnp.stack(a) for a in zip(*new_kv)))
+
+    def _kernel_step_layers(self, block, x_BTD, ctx, deterministic):
+        """Unrolled layers that each write their step's keys and values into the page pools
+        before reading them through the Pallas kernel (models/paged.py): the pools pass from
+        layer to layer, and XLA writes them in place."""
+        cfg = self.cfg
+        if cfg.scan_layers:
+            raise ValueError("the Pallas paged-attention step passes the pools from layer to layer: it needs "
+                             "unrolled layers (model.scan_layers=false, e.g. the weights through "
+                             "llm_jax.models.unstack_layer_params)")
+        plan = ctx.write_at
+        pools = (plan.k_pool, plan.v_pool)
+        ctx = ctx.replace(write_at=plan.replace(k_pool=None, v_pool=None))
+        for i in range(cfg.n_layers):
+            x_BTD, pools = block(cfg, deterministic, name=f"layers_{i}")(x_BTD, ctx, (i, *pools))
+        return x_BTD, WrittenPools(*pools)
 
 
     def _run_layers(self, x_BTD, ctx, kv, deterministic):
