@@ -11,6 +11,7 @@ import pytest
 
 from llm_jax.config import ModelConfig
 from llm_jax.inference import beam_search, generate
+from llm_jax.inference.quantize import dequantize_params, quantize_params
 from llm_jax.models import Transformer, init_params
 
 # Tiny vocabulary so that every continuation of a few tokens can be enumerated; a large
@@ -204,6 +205,17 @@ def test_beam_search_scores_at_least_as_well_as_greedy():
     greedy_scores = [_scores(params, cfg, p, [g], 1.0)[0] for p, g in zip(PROMPTS, greedy)]
     assert all(b >= g - 1e-5 for b, g in zip(beam.scores, greedy_scores))
     assert any(b > g + 1e-3 for b, g in zip(beam.scores, greedy_scores))
+
+
+def test_quantized_weights_search_as_their_dequantized_values():
+    """int8 weights stay quantized in memory; the prompt pass and every step dequantize them."""
+    cfg, params = _model()
+    quantized = quantize_params(params, cfg, bits=8)
+    kwargs = dict(beam_size=3, max_new_tokens=5, stop_tokens=[STOP])
+    direct = beam_search(quantized, cfg, PROMPTS, **kwargs)
+    reference = beam_search(dequantize_params(quantized), cfg, PROMPTS, **kwargs)
+    assert direct.beams == reference.beams
+    np.testing.assert_allclose(direct.beam_scores, reference.beam_scores, atol=1e-6)
 
 
 # -------------------------------------------------------------------------- bad input

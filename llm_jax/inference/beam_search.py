@@ -31,8 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
-from llm_jax.inference.generate import _check_and_pad
+from llm_jax.inference.generate import _check_and_pad, _prompt_pass
+from llm_jax.inference.quantize import dequantize_params
 from llm_jax.models import KVCache, Transformer
+from llm_jax.models.layers import compute_dtype
 
 _NO_TOKEN = -1  # in token buffers: past the end of a hypothesis
 _NEG_INF = -jnp.inf  # the score of an empty slot or impossible beam
@@ -75,14 +77,8 @@ def _keep_best(score_BX, tokens_BXN, k):
 
 def _prefill(params, cfg: ModelConfig, tokens_BP, lengths_B, beam_size: int, cache_len: int):
     """Run the prompts once, then give each of a prompt's W beams its own copy of the cache."""
-    B, P = tokens_BP.shape
-    cache = KVCache.init(cfg, B, cache_len)
-    in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
-    prefix = in_prompt_BP if cfg.mask == "prefix" else None
-    logits_B1V, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache,
-                                               logits_at_B=lengths_B - 1)
-    last_BV = logits_B1V[:, 0]
-    cache = cache.replace(end=lengths_B)  # padding slots get overwritten by generated tokens
+    empty = KVCache.init(cfg, tokens_BP.shape[0], cache_len)
+    last_BV, cache, _ = _prompt_pass(params, cfg, tokens_BP, lengths_B, empty)
     cache = jax.tree.map(lambda x, axis: jnp.repeat(x, beam_size, axis=axis), cache, _BATCH_AXIS)
     return cache, jnp.repeat(last_BV[:, None], beam_size, axis=1)
 
@@ -145,7 +141,9 @@ def _step(params, cfg: ModelConfig, s: BeamState, is_stop_V, length_penalty, max
     parent_BW, token_BW = idx_BW // V, idx_BW % V
     alive_BWN = jnp.take_along_axis(s.alive_BWN, parent_BW[..., None], axis=1).at[:, :, s.step].set(token_BW)
     cache = _gather_rows(s.cache, (jnp.arange(B)[:, None] * W + parent_BW).reshape(B * W))
-    logits, cache = Transformer(cfg).apply({"params": params}, token_BW.reshape(B * W, 1), cache=cache)
+    # Inside the loop, as in `generate`: quantized weights stay quantized in memory between steps.
+    weights = dequantize_params(params, compute_dtype(cfg))
+    logits, cache = Transformer(cfg).apply({"params": weights}, token_BW.reshape(B * W, 1), cache=cache)
 
     done_B = s.done_B | _cannot_improve(alive_score_BW, fin_score_BW, length, max_new_tokens, length_penalty)
     return BeamState(

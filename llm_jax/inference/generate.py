@@ -60,20 +60,29 @@ class Generation:
     texts: list[str] | None = None  # decoded, when a tokenizer was given
 
 
+def _prompt_pass(params, cfg: ModelConfig, tokens_BP, lengths_B, cache: KVCache):
+    """One pass over right-padded prompts into an empty cache, as `generate` and beam search
+    begin: (each row's next-token logits [B, V], the cache holding the prompts with `end`
+    at each row's length, the in-prompt mask [B, P]). Quantized weights are dequantized."""
+    in_prompt_BP = jnp.arange(tokens_BP.shape[1])[None, :] < lengths_B[:, None]
+    prefix = in_prompt_BP if cfg.mask == "prefix" else None
+    weights = dequantize_params(params, compute_dtype(cfg))
+    logits_B1V, cache = Transformer(cfg).apply({"params": weights}, tokens_BP, prefix_mask_BT=prefix, cache=cache,
+                                               logits_at_B=lengths_B - 1)
+    # The padding slots past a row's length get overwritten by its generated tokens.
+    return logits_B1V[:, 0], cache.replace(end=lengths_B), in_prompt_BP
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "cache_len", "stop_window", "int8_cache"))
 def _prefill(params, cfg: ModelConfig, tokens_BP, lengths_B, key, *, max_new_tokens, cache_len, stop_window,
              int8_cache=False):
-    B, P = tokens_BP.shape
-    cache = KVCache.init(cfg, B, cache_len, int8=int8_cache)
-    in_prompt_BP = jnp.arange(P)[None, :] < lengths_B[:, None]
-    prefix = in_prompt_BP if cfg.mask == "prefix" else None
-    params = dequantize_params(params, compute_dtype(cfg))
-    logits_B1V, cache = Transformer(cfg).apply({"params": params}, tokens_BP, prefix_mask_BT=prefix, cache=cache,
-                                               logits_at_B=lengths_B - 1)
+    B = tokens_BP.shape[0]
+    logits_BV, cache, in_prompt_BP = _prompt_pass(params, cfg, tokens_BP, lengths_B,
+                                                 KVCache.init(cfg, B, cache_len, int8=int8_cache))
     counts = jnp.zeros((B, cfg.vocab_size), jnp.int32).at[jnp.arange(B)[:, None], tokens_BP].add(in_prompt_BP)
     return DecodeState(
-        cache=cache.replace(end=lengths_B),  # padding slots get overwritten by generated tokens
-        logits=logits_B1V[:, 0],
+        cache=cache,
+        logits=logits_BV,
         tokens=jnp.full((B, max_new_tokens), _NOT_GENERATED, jnp.int32),
         step=jnp.zeros((), jnp.int32),
         done=jnp.zeros((B,), bool),
