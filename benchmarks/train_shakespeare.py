@@ -40,6 +40,9 @@ LR, MIN_LR, WARMUP = 1e-3, 1e-4, 100
 B1, B2, EPS, WEIGHT_DECAY, GRAD_CLIP = 0.9, 0.99, 1e-8, 0.1, 1.0
 INIT_STD = 0.02
 EVAL_BATCHES = 50  # fixed validation windows, 50 x 12 x 64 = 38,400 tokens
+# nanoGPT's own estimate (its README's CPU run passes --eval_iters=20): the mean over 20
+# random validation batches. NANOGPT_ESTIMATES of them, drawn afresh, show its spread.
+NANOGPT_EVAL_ITERS, NANOGPT_ESTIMATES = 20, 50
 STEADY_FROM = 20  # steps before this one hold compilation / warm-up; timed separately
 LOG_EVERY = 500
 PEAK_SIZE, PEAK_REPEATS = 2048, 5  # the f32 matmul that measures each framework's peak
@@ -65,7 +68,8 @@ def load_batches(path: pathlib.Path, steps: int, seed: int) -> dict:
     # Separate generators: the validation set does not depend on --steps.
     train_x, train_y = windows(ids[:split], steps, np.random.default_rng(seed))
     val_x, val_y = windows(ids[split:], EVAL_BATCHES, np.random.default_rng(seed + 1))
-    return dict(vocab=len(chars), train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y)
+    est_x, est_y = windows(ids[split:], NANOGPT_EVAL_ITERS * NANOGPT_ESTIMATES, np.random.default_rng(seed + 2))
+    return dict(vocab=len(chars), train_x=train_x, train_y=train_y, val_x=val_x, val_y=val_y, est_x=est_x, est_y=est_y)
 
 
 def learning_rate(count: int, total_steps: int) -> float:
@@ -163,15 +167,22 @@ def run_jax(data: dict, steps: int, seed: int) -> dict:
     jax.block_until_ready(state)
     timing = timed_training(step, lambda metrics: float(metrics["loss"]), steps, "jax")
 
-    loss_sum = tokens = 0.0
-    for x, y in zip(data["val_x"], data["val_y"]):
-        sums = eval_step(state.params, {"inputs": x, "targets": y}, model_cfg=cfg.model)
-        loss_sum, tokens = loss_sum + float(sums["loss_sum"]), tokens + float(sums["tokens"])
+    def mean_loss(xs, ys) -> float:
+        loss_sum = tokens = 0.0
+        for x, y in zip(xs, ys):
+            sums = eval_step(state.params, {"inputs": x, "targets": y}, model_cfg=cfg.model)
+            loss_sum, tokens = loss_sum + float(sums["loss_sum"]), tokens + float(sums["tokens"])
+        return loss_sum / tokens
+
+    val_loss = mean_loss(data["val_x"], data["val_y"])
     wall_s = time.perf_counter() - start
+    n = NANOGPT_EVAL_ITERS
+    estimates = [mean_loss(data["est_x"][i : i + n], data["est_y"][i : i + n]) for i in range(0, len(data["est_x"]), n)]
 
     a = jax.random.normal(jax.random.key(0), (PEAK_SIZE, PEAK_SIZE), jnp.float32)
     peak = time_matmul(jax.jit(lambda m: m @ m), a, jax.block_until_ready)
-    return dict(impl="ours (llm_jax)", framework=f"jax {jax.__version__}", val_loss=loss_sum / tokens,
+    return dict(impl="ours (llm_jax)", framework=f"jax {jax.__version__}", val_loss=val_loss,
+                nanogpt_estimates=estimates,
                 n_params=int(n_params), wall_s=wall_s, peak_flops=peak, skipped_steps=int(state.skipped), **timing)
 
 
@@ -305,6 +316,12 @@ def report(results: list[dict]) -> dict:
         ratios[f"val_loss_minus_goal/{r['impl'].split()[0]}"] = r["val_loss"] - NANOGPT_VAL_LOSS
         print(f"{r['impl']}: validation loss {r['val_loss']:.4f} vs nanoGPT's {NANOGPT_VAL_LOSS} "
               f"({r['val_loss'] - NANOGPT_VAL_LOSS:+.4f})")
+        if "nanogpt_estimates" in r:
+            est = np.array(r["nanogpt_estimates"])
+            print(f"  the same model scored as nanoGPT scores ({NANOGPT_EVAL_ITERS} random validation batches), "
+                  f"{len(est)} times: mean {est.mean():.4f}, std {est.std(ddof=1):.4f}, range {est.min():.4f}-"
+                  f"{est.max():.4f}; {int((est <= NANOGPT_VAL_LOSS).sum())} of {len(est)} at or below "
+                  f"{NANOGPT_VAL_LOSS}")
     return ratios
 
 
