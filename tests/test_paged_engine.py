@@ -9,7 +9,8 @@ import pytest
 
 from llm_jax.config import ModelConfig
 from llm_jax.inference import generate
-from llm_jax.inference.engine import Engine, EngineConfig, RequestError
+from llm_jax.inference.engine import Engine, EngineConfig, RequestError, _decode_kernel
+from llm_jax.inference.quantize import quantize_params
 from llm_jax.inference.paged_cache import PagePool, page_keys
 from llm_jax.models import KVCache, Transformer, init_params, unstack_layer_params
 from llm_jax.models.paged import PagedKVCache
@@ -158,11 +159,45 @@ def test_engine_gives_each_request_what_generate_gives_it_alone(params, referenc
 
 
 def test_an_engine_on_the_pallas_kernel_gives_each_request_what_generate_gives_it(params, reference):
-    """The same requests (preemption included) with decode steps through the Pallas kernel."""
-    engine, requests = _run(params, dataclasses.replace(ENGINE, paged_attention="pallas"))
+    """The same requests (preemption included) with decode steps through the Pallas kernel.
+    Pages of 3 tokens: 11 cover the context, and the kernel's calls get power-of-two
+    tables of up to 16 (padded with null pages)."""
+    engine, requests = _run(params, dataclasses.replace(ENGINE, page_size=3, num_pages=20, paged_attention="pallas"))
     assert engine.kernel == "pallas" and not engine.cfg.scan_layers  # the engine unrolled the weights
+    assert engine._page_buckets(1) == [4, 8, 16] and engine._page_buckets(8) == [4, 8, 11]
     assert [r.output for r in requests] == reference
     assert engine.stats["preemptions"] > 0
+
+
+def test_the_pallas_kernel_engine_serves_quantized_weights(params):
+    """int8 weights: the engine unrolls the stacked QuantizedTensors layer by layer."""
+    quantized = quantize_params(params, CFG, bits=8)
+    outputs = {}
+    for kernel in ("gather", "pallas"):
+        engine = Engine(quantized, CFG, dataclasses.replace(ENGINE, paged_attention=kernel))
+        requests = [engine.submit(p, max_tokens=6, sampling=dict(temperature=0.0)) for p in PROMPTS[:3]]
+        engine.run_until_idle()
+        outputs[kernel] = [r.output for r in requests]
+    assert outputs["pallas"] == outputs["gather"] and all(len(o) == 6 for o in outputs["gather"])
+
+
+def test_auto_picks_the_kernel_only_on_a_cuda_gpu_for_shapes_it_can_compile(monkeypatch):
+    """The rule alone (no GPU here): power-of-two head_dim and page_size of at least 16."""
+    class Client:
+        platform_version = "cuda 12040"
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(jax, "devices", lambda: [type("Device", (), {"client": Client})()])
+    wide = dataclasses.replace(CFG, d_model=128)  # head_dim 32
+    auto = dataclasses.replace(ENGINE, page_size=16)
+    assert _decode_kernel(wide, auto) == "pallas"
+    assert _decode_kernel(CFG, auto) == "gather"  # head_dim 8
+    assert _decode_kernel(wide, dataclasses.replace(auto, page_size=48)) == "gather"
+    assert _decode_kernel(dataclasses.replace(wide, position="alibi"), auto) == "gather"
+    with pytest.raises(ValueError, match="powers of two >= 16.*head_dim=8"):
+        _decode_kernel(CFG, dataclasses.replace(auto, paged_attention="pallas"))
+    Client.platform_version = "rocm 60300"
+    assert _decode_kernel(wide, auto) == "gather"
 
 
 def test_submitting_sends_nothing_to_the_device(params):

@@ -15,7 +15,8 @@ from llm_jax.inference.quantize import (
     quantize_params,
     quantize_tensor,
 )
-from llm_jax.models import Transformer, init_params
+from llm_jax.models import Transformer, init_params, unstack_layer_params
+from llm_jax.models.lora import quantize_nf4
 
 CFG = ModelConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
                   max_seq_len=64, tie_embeddings=False, init_std=0.1)
@@ -30,6 +31,22 @@ def test_rounding_error_is_at_most_half_a_step(bits, group):
     step = np.asarray(jnp.moveaxis(jnp.broadcast_to(q.scale, q.values.shape).reshape(3, 5, 64), -1, 1))
     assert np.all(np.abs(np.asarray(w_hat - w)) <= step / 2 + 1e-6)
     assert q.values.dtype == (jnp.int8 if bits == 8 else jnp.int4)
+
+
+@pytest.mark.parametrize("bits, group", [(8, None), (4, 16)])
+def test_a_stacked_quantized_weight_unstacks_into_its_layers(bits, group):
+    """`unstack_layer_params` slices a QuantizedTensor as a whole (static axis and shape follow)."""
+    params = init_params(CFG, jax.random.key(0))
+    q = quantize_params(params, CFG, bits=bits, group_size=group)
+    whole = dequantize_params(q)
+    layers = dequantize_params(unstack_layer_params(q, CFG.n_layers))
+    for i in range(CFG.n_layers):
+        for a, b in zip(jax.tree.leaves(layers[f"layers_{i}"]), jax.tree.leaves(whole["layers"])):
+            np.testing.assert_array_equal(a, b[i])
+    with pytest.raises(ValueError, match="leading axis"):
+        quantize_tensor(jnp.ones((4, 8)), 8, axis=0)[0]
+    nf4 = quantize_nf4(jax.random.normal(jax.random.key(1), (2, 32, 8)), axis=1, group_size=16)  # QLoRA's
+    np.testing.assert_array_equal(nf4[1].dequantize(), nf4.dequantize()[1])
 
 
 def test_every_matrix_is_quantized_along_its_contraction_axis():

@@ -77,8 +77,8 @@ class EngineConfig:
     static_batching: bool = False  # benchmark reference: admit only into an empty batch
     # How decode steps read the pages (models/paged.py): "gather" (XLA, every backend),
     # "pallas" (JAX's Pallas GPU kernel; on a CPU in interpret mode, for tests) or "auto"
-    # (the kernel on a GPU when the model allows it and head_dim and page_size are
-    # multiples of 16, else the gather). Prefill chunks always gather.
+    # (the kernel on a CUDA GPU when the model allows it and head_dim and page_size are
+    # powers of two >= 16, else the gather). Prefill chunks always gather.
     paged_attention: str = "auto"
 
     def __post_init__(self):
@@ -140,16 +140,22 @@ def _decode_kernel(cfg: ModelConfig, config: "EngineConfig") -> str:
     unsupported = [why for bad, why in ((cfg.position in ("alibi", "relative"), f"model.position={cfg.position!r}"),
                                         (cfg.sliding_window is not None, "model.sliding_window"))
                    if bad]
+    # The kernel's Triton blocks need power-of-two sizes of at least 16: its query block is
+    # [16, head_dim] and each key/value block [pages, page_size, head_dim].
+    tiles = all(n >= 16 and n & (n - 1) == 0 for n in (cfg.head_dim, config.page_size))
     if choice == "auto":
-        # The kernel's matrix products run in Triton tiles of at least 16 on each side.
-        tiles = cfg.head_dim % 16 == 0 and config.page_size % 16 == 0
-        return "pallas" if backend == "gpu" and tiles and not unsupported else "gather"
+        cuda = backend == "gpu" and "rocm" not in jax.devices()[0].client.platform_version.lower()
+        return "pallas" if cuda and tiles and not unsupported else "gather"
     if unsupported:
         raise ValueError(f"engine.paged_attention='pallas': the Pallas kernel has no position bias or sliding "
                          f"window, and this model has {' and '.join(unsupported)}; use 'gather' or 'auto'")
     if backend not in ("gpu", "cpu"):
         raise ValueError(f"engine.paged_attention='pallas' runs JAX's GPU kernel (interpreted on a CPU); "
                          f"on {backend!r} use 'gather' or 'auto'")
+    if backend == "gpu" and not tiles:
+        raise ValueError(f"engine.paged_attention='pallas' on a GPU needs model.head_dim and engine.page_size to be "
+                         f"powers of two >= 16 (the kernel's Triton blocks); got head_dim={cfg.head_dim}, "
+                         f"page_size={config.page_size}")
     return choice
 
 
@@ -256,9 +262,17 @@ class Engine:
         rows = sorted({1, self.config.prefill_rows})
         shapes = [(r, w) for r in rows for w in self._prefill_widths()] + [(self.config.max_batch, 1)]
         for n_rows, width in shapes:
-            for n_pages in _buckets(4, self.max_pages):
+            for n_pages in self._page_buckets(width):
                 self._run([], n_rows, width, n_pages)
         self.counts = _set_counts_row(self.counts, 0, jnp.zeros(self.cfg.vocab_size, jnp.int32))
+
+    def _page_buckets(self, width: int) -> list[int]:
+        """Compiled page-table widths. The Pallas kernel splits a row's pages into power-of-two
+        blocks, so its decode calls get power-of-two widths (the padding is null pages,
+        which the kernel never reads: it stops at each row's length)."""
+        if width == 1 and self.kernel == "pallas":
+            return [1 << n for n in range(2, max(2, math.ceil(math.log2(self.max_pages))) + 1)]
+        return _buckets(4, self.max_pages)
 
     def _prefill_widths(self) -> list[int]:
         return _buckets(16, self.config.prefill_chunk)
@@ -428,7 +442,7 @@ class Engine:
         """
         if n_pages is None:
             needed = max([math.ceil((r.n_cached + n) / self.config.page_size) for r, n in rows], default=1)
-            n_pages = next(b for b in _buckets(4, self.max_pages) if b >= needed)
+            n_pages = next(b for b in self._page_buckets(width) if b >= needed)
         tokens = np.zeros((n_rows, width), np.int32)
         n_valid = np.zeros(n_rows, np.int32)
         start = np.zeros(n_rows, np.int32)

@@ -38,6 +38,13 @@ class QuantizedTensor:
         moved = tuple(np.delete(np.array(self.shape), self.axis)) + (self.shape[self.axis],)
         return jnp.moveaxis(w.reshape(moved), -1, self.axis).astype(dtype)
 
+    def __getitem__(self, index: int) -> "QuantizedTensor":
+        """Slice `index` of the leading axis: one layer of a stacked weight (`unstack_layer_params`)."""
+        if self.axis == 0:
+            raise ValueError("a QuantizedTensor contracted over its leading axis has no slices along it")
+        return QuantizedTensor(values=self.values[index], scale=self.scale[index], axis=self.axis - 1,
+                               shape=self.shape[1:])
+
     @property
     def nbytes(self) -> int:
         bits = 4 if self.values.dtype == jnp.int4 else 8

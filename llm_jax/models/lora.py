@@ -109,6 +109,12 @@ class NF4Tensor:
         group = self.codes.shape[self.axis] // self.scale.shape[self.axis]
         return (values * jnp.repeat(self.scale, group, axis=self.axis)).astype(dtype)
 
+    def __getitem__(self, index: int) -> "NF4Tensor":
+        """Slice `index` of the leading axis: one layer of a stacked weight (`unstack_layer_params`)."""
+        if (self.axis % self.codes.ndim) == 0:
+            raise ValueError("an NF4Tensor contracted over its leading axis has no slices along it")
+        return NF4Tensor(codes=self.codes[index], scale=self.scale[index], axis=self.axis)
+
     @property
     def shape(self) -> tuple[int, ...]:
         return self.codes.shape

@@ -23,7 +23,9 @@ Logical slot s of a row (its token at position s) is `page_table[b, s // Z]`, of
   kernel runs in Pallas' interpret mode (slow; it is how the tests check this path). It
   has no position bias and no sliding window, so ALiBi, relative-bucket and
   sliding-window models decode through the gather path. Calls with several tokens per
-  row (prefill chunks) use the gather path on the same pools.
+  row (prefill chunks) use the gather path on the same pools. In bfloat16 the kernel
+  also combines its partial sums in bfloat16: against an f32 reference its error measured
+  ~1.5x the gather path's (1.1-1.5e-2 against 0.75-1.05e-2 on random inputs).
 
 Unused table entries point at the null page (of each layer), which absorbs writes that
 belong nowhere (padding tokens, idle batch rows) and is only ever read at masked slots.
@@ -188,17 +190,25 @@ def paged_kernel_attention(q_B1NH, k_B1KH, v_B1KH, kv, plan: PagedKernelStep):
     k_pool = _write_step(k_pool, layer, plan.slot_B, k_B1KH[:, 0])
     v_pool = _write_step(v_pool, layer, plan.slot_B, v_B1KH[:, 0])
     M = plan.pages_BM.shape[1]
-    k_splits = _largest_divisor(M, 16)  # the kernel splits each row's pages into k_splits parts
+    # The kernel splits each row's M pages into k_splits parallel parts and walks each in
+    # blocks of pages; Triton needs both powers of two, and a block of at most ~128 keys
+    # keeps its key and value tiles within a GPU's shared memory.
+    k_splits = _power_of_two_divisor(M, 16)
+    per_block = _power_of_two_divisor(M // k_splits, max(1, min(8, 128 // Z)))
     # The layer's pages sit at [layer * P, (layer + 1) * P) of the [K, L*P, Z, H] view.
     out_BNH = paged_attention(
         (q_B1NH[:, 0] * H**-0.5).astype(k_pool.dtype), k_pool.reshape(K, L * P, Z, H),
         v_pool.reshape(K, L * P, Z, H), plan.pages_BM + layer * P, plan.length_B.astype(jnp.int32),
-        k_splits=k_splits, pages_per_compute_block=_largest_divisor(M // k_splits, 8), interpret=plan.interpret)
+        k_splits=k_splits, pages_per_compute_block=per_block, interpret=plan.interpret)
     return out_BNH[:, None].astype(q_B1NH.dtype), (k_pool, v_pool)
 
 
-def _largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, at_most + 1) if n % d == 0)
+def _power_of_two_divisor(n: int, at_most: int) -> int:
+    """The largest power of two that divides n and is at most `at_most`."""
+    d = 1
+    while n % (2 * d) == 0 and 2 * d <= at_most:
+        d *= 2
+    return d
 
 
 def _write_step(pool_KLPZH, layer, slot_B, new_BKH):

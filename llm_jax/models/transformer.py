@@ -16,6 +16,7 @@ The final normalised hidden states are sown as `intermediates/final_hidden_BTD`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -307,11 +308,14 @@ def init_params(cfg: ModelConfig, rng: jax.Array):
 
 
 def unstack_layer_params(params, n_layers: int):
-    """Scanned params (`layers` with a leading L axis) -> unrolled `layers_0..L-1`."""
+    """Scanned params (`layers` with a leading L axis) -> unrolled `layers_0..L-1`.
+
+    Quantized weights (dataclass leaves: int8/int4 `QuantizedTensor`, `NF4Tensor`) are
+    sliced by their own indexing, which keeps their static axis and shape right."""
     params = dict(params)
     stacked = params.pop("layers")
     for i in range(n_layers):
-        params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+        params[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked, is_leaf=_sliceable_dataclass)
     return params
 
 
@@ -365,6 +369,10 @@ def _joinable(params: dict) -> list:
 def _plain_projection(tree) -> bool:
     return (isinstance(tree, dict) and "kernel" in tree and set(tree) <= {"kernel", "bias"}
             and all(isinstance(a, jax.Array) for a in tree.values()))
+
+
+def _sliceable_dataclass(x) -> bool:
+    return dataclasses.is_dataclass(x) and hasattr(type(x), "__getitem__")
 
 
 def stack_layer_params(params, n_layers: int):
