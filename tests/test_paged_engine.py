@@ -175,10 +175,11 @@ def test_the_pallas_kernel_engine_serves_quantized_weights(params):
     outputs = {}
     for kernel in ("gather", "pallas"):
         engine = Engine(quantized, CFG, dataclasses.replace(ENGINE, paged_attention=kernel))
-        requests = [engine.submit(p, max_tokens=6, sampling=dict(temperature=0.0)) for p in PROMPTS[:3]]
+        # Two short prompts: few shapes to compile.
+        requests = [engine.submit(p, max_tokens=4, sampling=dict(temperature=0.0)) for p in (PROMPTS[0], PROMPTS[2])]
         engine.run_until_idle()
         outputs[kernel] = [r.output for r in requests]
-    assert outputs["pallas"] == outputs["gather"] and all(len(o) == 6 for o in outputs["gather"])
+    assert outputs["pallas"] == outputs["gather"] and all(len(o) == 4 for o in outputs["gather"])
 
 
 def test_the_kernel_decode_call_lowers_to_triton_for_a_cuda_gpu(monkeypatch):
