@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from llm_jax.config import ModelConfig
-from llm_jax.inference import generate
+from llm_jax.inference import generate, prepare_decoding_weights
 from llm_jax.inference.quantize import (
     QuantizedTensor,
     dequantize_params,
@@ -89,6 +89,11 @@ def test_generate_accepts_quantized_params():
     # Greedy under the quantized weights is exactly what the dequantized model predicts.
     assert jnp.argmax(reference_logits[0, 2:-1], -1).tolist() == quant
     assert len(exact) == len(quant) == 8
+    # Prepared for decoding, the stack is unrolled and its weights stay int8.
+    prepared, prepared_cfg = prepare_decoding_weights(q, CFG)
+    assert not prepared_cfg.scan_layers and prepared["layers_1"]["mlp"]["wo"]["kernel"].values.dtype == jnp.int8
+    again = generate(prepared, prepared_cfg, [[5, 6, 7]], max_new_tokens=8, sampling=dict(temperature=0.0))
+    assert again.tokens[0] == quant
 
 
 def test_bad_settings_are_refused():
