@@ -113,7 +113,7 @@ def prepare_decoding_weights(params, cfg: ModelConfig):
     - The layer stack unrolled (`scan_layers=False`): each step of a scanned stack slices
       (copies) every layer's weights out of the stacked arrays before its matmuls, which
       triples the weight traffic of a memory-bound step. Quantized weights unroll as they
-      are, and their slices stay quantized (int8, 32M parameters, two CPU cores: 23.5 ->
+      are, and their slices stay quantized (int8, 30M parameters, two CPU cores: 23.5 ->
       87 tokens/s at batch 1).
     - On a single device, each layer's q/k/v and gate/up kernels joined
       (`fuse_projections`); on a mesh the joined kernels would mix differently split heads.
