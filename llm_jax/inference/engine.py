@@ -271,7 +271,7 @@ class Engine:
         blocks, so its decode calls get power-of-two widths (the padding is null pages,
         which the kernel never reads: it stops at each row's length)."""
         if width == 1 and self.kernel == "pallas":
-            return [1 << n for n in range(2, max(2, math.ceil(math.log2(self.max_pages))) + 1)]
+            return _buckets(4, max(4, 1 << (self.max_pages - 1).bit_length()))
         return _buckets(4, self.max_pages)
 
     def _prefill_widths(self) -> list[int]:

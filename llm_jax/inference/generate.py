@@ -22,8 +22,8 @@ import numpy as np
 from llm_jax.config import ModelConfig
 from llm_jax.inference.quantize import dequantize_params
 from llm_jax.inference.sampling import SamplingParams, sample
-from llm_jax.models import (KVCache, LayerKVCache, Transformer, fuse_projections, has_joinable_projections,
-                            unstack_layer_params)
+from llm_jax.models import (KVCache, LayerKVCache, Transformer, can_unstack_layer_params, fuse_projections,
+                            has_joinable_projections, unstack_layer_params)
 from llm_jax.models import peft as peft_lib
 from llm_jax.models.layers import compute_dtype
 
@@ -124,11 +124,8 @@ def prepare_decoding_weights(params, cfg: ModelConfig):
     prepared weights are all that decoding needs). A streamed generation, which runs the
     loop once per `stream_interval` tokens, prepares them once either way.
     """
-    leaves = jax.tree.leaves(params, is_leaf=dataclasses.is_dataclass)
-    plain = all(not dataclasses.is_dataclass(x) for x in leaves)
-    # Quantized leaves (QuantizedTensor, NF4Tensor) slice by layer themselves.
-    unroll = cfg.scan_layers and all(not dataclasses.is_dataclass(x) or hasattr(type(x), "__getitem__")
-                                     for x in leaves)
+    plain = all(not dataclasses.is_dataclass(x) for x in jax.tree.leaves(params, is_leaf=dataclasses.is_dataclass))
+    unroll = cfg.scan_layers and can_unstack_layer_params(params)
     fuse = (plain and has_joinable_projections(params)
             and all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(params) if hasattr(x, "sharding")))
     if not (unroll or fuse):

@@ -16,6 +16,7 @@ from llm_jax.models.attention import KVCache, LayerKVCache
 from llm_jax.models.transformer import (
     Transformer,
     abstract_params,
+    can_unstack_layer_params,
     count_params,
     fuse_projections,
     has_joinable_projections,
@@ -31,6 +32,7 @@ __all__ = [
     "LayerKVCache",
     "Transformer",
     "abstract_params",
+    "can_unstack_layer_params",
     "count_params",
     "fuse_projections",
     "has_joinable_projections",

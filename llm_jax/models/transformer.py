@@ -375,6 +375,13 @@ def _sliceable_dataclass(x) -> bool:
     return dataclasses.is_dataclass(x) and hasattr(type(x), "__getitem__")
 
 
+def can_unstack_layer_params(params) -> bool:
+    """Whether `unstack_layer_params` can slice every leaf (arrays, and dataclass leaves
+    such as quantized weights that index their own leading axis)."""
+    leaves = jax.tree.leaves(params, is_leaf=dataclasses.is_dataclass)
+    return all(not dataclasses.is_dataclass(x) or _sliceable_dataclass(x) for x in leaves)
+
+
 def stack_layer_params(params, n_layers: int):
     """Unrolled `layers_0..L-1` -> scanned `layers` with a leading L axis."""
     params = dict(params)
