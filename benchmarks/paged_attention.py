@@ -27,7 +27,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from llm_jax.config import ModelConfig
-from llm_jax.inference import engine as engine_lib
 from llm_jax.inference.engine import Engine, EngineConfig
 from llm_jax.models import init_params
 
@@ -64,21 +63,17 @@ def time_decode_call(params, cfg: ModelConfig, kernel: str, args) -> list[float]
                           paged_attention=kernel)
     engine = Engine(params, cfg, config)
     rng = np.random.default_rng(0)
-    k_pool = jnp.asarray(rng.normal(size=engine.k_pool.shape), engine.k_pool.dtype)
-    v_pool = jnp.asarray(rng.normal(size=engine.v_pool.shape), engine.v_pool.dtype)
-    n_pages = next(b for b in engine_lib._buckets(4, engine.max_pages) if b >= pages_per_row)
-    table = np.zeros((args.batch, n_pages), np.int32)
-    table[:, :pages_per_row] = 1 + rng.permutation(args.batch * pages_per_row).reshape(args.batch, pages_per_row)
-    B = args.batch
-    inputs = (np.ones((B, 1), np.int32), np.ones(B, np.int32), np.full(B, args.context, np.int32), table,
-              np.arange(B, dtype=np.int32), np.zeros((B, 2), np.uint32),
-              engine_lib.SamplingParams(**{k: np.full(B, v) for k, v in engine_lib._SAMPLING_DEFAULTS.items()}))
-    state = [k_pool, v_pool, engine.counts]
+    engine.k_pool = jnp.asarray(rng.normal(size=engine.k_pool.shape), engine.k_pool.dtype)
+    engine.v_pool = jnp.asarray(rng.normal(size=engine.v_pool.shape), engine.v_pool.dtype)
+    n_pages = next(b for b in engine._page_buckets(1) if b >= pages_per_row)
+    # Every row args.context tokens deep, its pages scattered over the pool.
+    inputs = engine._call_inputs([], args.batch, 1, n_pages)
+    inputs.table[:, :pages_per_row] = 1 + rng.permutation(args.batch * pages_per_row).reshape(args.batch,
+                                                                                              pages_per_row)
+    inputs.start[:], inputs.n_valid[:], inputs.slot[:] = args.context, 1, np.arange(args.batch)
 
-    def call():  # the pools and counts are donated: each call's outputs feed the next
-        k, v, counts, tokens, _ = engine_lib._forward(engine.params, engine.cfg, engine.kernel, *state, *inputs)
-        state[:] = [k, v, counts]
-        return tokens
+    def call():  # the pools and counts are donated: the engine keeps each call's outputs for the next
+        return engine._dispatch(inputs)[0]
 
     jax.block_until_ready(call())  # compile
     times = []

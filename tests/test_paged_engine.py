@@ -190,14 +190,10 @@ def test_the_kernel_decode_call_lowers_to_triton_for_a_cuda_gpu(monkeypatch):
     cfg = dataclasses.replace(CFG, d_model=128, max_seq_len=200, dtype="bfloat16")  # head_dim 32
     engine = Engine(init_params(cfg, jax.random.key(0)), cfg,
                     EngineConfig(max_batch=4, page_size=16, num_pages=40, paged_attention="pallas"))
-    R = engine.config.max_batch
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # compile the kernel, do not interpret it
     for n_pages in engine._page_buckets(1):
-        inputs = (np.ones((R, 1), np.int32), np.ones(R, np.int32), np.full(R, 5, np.int32),
-                  np.zeros((R, n_pages), np.int32), np.arange(R, dtype=np.int32), np.zeros((R, 2), np.uint32),
-                  engine_lib.SamplingParams(**{k: np.full(R, v) for k, v in engine_lib._SAMPLING_DEFAULTS.items()}))
-        lowered = engine_lib._forward.trace(engine.params, engine.cfg, engine.kernel, engine.k_pool, engine.v_pool,
-                                            engine.counts, *inputs).lower(lowering_platforms=("cuda",))
+        inputs = engine._call_inputs([], engine.config.max_batch, 1, n_pages)
+        lowered = engine_lib._forward.trace(*engine._forward_args(inputs)).lower(lowering_platforms=("cuda",))
         assert "triton" in lowered.as_text()
 
 

@@ -33,7 +33,7 @@ import itertools
 import math
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -186,6 +186,20 @@ def _forward(params, cfg: ModelConfig, kernel: str, k_pool, v_pool, counts_SV, t
     counts_RV = counts_SV[jnp.minimum(slot_R, counts_SV.shape[0] - 1)]
     tokens_R, keys_R = jax.vmap(sample_row)(last_RV, keys_R, sp, counts_RV)
     return cache.k, cache.v, counts_SV, tokens_R, keys_R
+
+
+class CallInputs(NamedTuple):
+    """One engine call's rows on the host: tokens [R, T], the number of them that are real,
+    the cache position of the first, the page table [R, M], the batch slot (out of range for an
+    idle row), the random key data [R, 2] and each sampling setting [R]."""
+
+    tokens: np.ndarray
+    n_valid: np.ndarray
+    start: np.ndarray
+    table: np.ndarray
+    slot: np.ndarray
+    keys: np.ndarray
+    sampling: dict
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -435,7 +449,12 @@ class Engine:
 
     def _run(self, rows: list[tuple[Request, int]], n_rows: int, width: int, n_pages: int | None = None):
         """Dispatch one jitted call over n_rows x width tokens (rows past len(rows) are idle);
-        returns the sampled tokens and advanced keys, still on the device.
+        returns the sampled tokens and advanced keys, still on the device."""
+        return self._dispatch(self._call_inputs(rows, n_rows, width, n_pages))
+
+    def _call_inputs(self, rows: list[tuple[Request, int]], n_rows: int, width: int,
+                     n_pages: int | None = None) -> CallInputs:
+        """The host arrays of one call: each (request, n) row feeds the request's next n tokens.
 
         The page tables are cut to the fewest (bucketed) pages any row needs: attention then
         gathers and scores only those, not the whole context, for every row.
@@ -443,23 +462,27 @@ class Engine:
         if n_pages is None:
             needed = max([math.ceil((r.n_cached + n) / self.config.page_size) for r, n in rows], default=1)
             n_pages = next(b for b in self._page_buckets(width) if b >= needed)
-        tokens = np.zeros((n_rows, width), np.int32)
-        n_valid = np.zeros(n_rows, np.int32)
-        start = np.zeros(n_rows, np.int32)
-        table = np.full((n_rows, n_pages), NULL_PAGE, np.int32)
-        slot = np.full(n_rows, self.config.max_batch, np.int32)  # out of range: idle
-        keys = np.zeros((n_rows, 2), np.uint32)
-        sp = {name: np.full(n_rows, value) for name, value in _SAMPLING_DEFAULTS.items()}
+        x = CallInputs(tokens=np.zeros((n_rows, width), np.int32), n_valid=np.zeros(n_rows, np.int32),
+                       start=np.zeros(n_rows, np.int32), table=np.full((n_rows, n_pages), NULL_PAGE, np.int32),
+                       slot=np.full(n_rows, self.config.max_batch, np.int32),  # out of range: idle
+                       keys=np.zeros((n_rows, 2), np.uint32),
+                       sampling={name: np.full(n_rows, value) for name, value in _SAMPLING_DEFAULTS.items()})
         for i, (r, n) in enumerate(rows):
-            tokens[i, :n] = r.sequence[r.n_cached : r.n_cached + n]
-            n_valid[i], start[i], slot[i], keys[i] = n, r.n_cached, r.slot, r.key_data
-            table[i, : len(r.pages)] = r.pages
+            x.tokens[i, :n] = r.sequence[r.n_cached : r.n_cached + n]
+            x.n_valid[i], x.start[i], x.slot[i], x.keys[i] = n, r.n_cached, r.slot, r.key_data
+            x.table[i, : len(r.pages)] = r.pages
             for name, value in r.sampling.items():
-                sp[name][i] = value
-        self.k_pool, self.v_pool, self.counts, out_tokens, out_keys = _forward(
-            self.params, self.cfg, self.kernel, self.k_pool, self.v_pool, self.counts, tokens, n_valid, start, table,
-            slot, keys, SamplingParams(**sp),
-        )
+                x.sampling[name][i] = value
+        return x
+
+    def _forward_args(self, x: CallInputs) -> tuple:
+        """`_forward`'s arguments for one call: the engine's weights and state, then x."""
+        return (self.params, self.cfg, self.kernel, self.k_pool, self.v_pool, self.counts, x.tokens, x.n_valid,
+                x.start, x.table, x.slot, x.keys, SamplingParams(**x.sampling))
+
+    def _dispatch(self, x: CallInputs):
+        """Launch `_forward` on x; the pools and counts it returns replace the donated ones."""
+        self.k_pool, self.v_pool, self.counts, out_tokens, out_keys = _forward(*self._forward_args(x))
         return out_tokens, out_keys
 
     def _register_full_pages(self, r: Request) -> None:
