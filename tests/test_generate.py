@@ -165,6 +165,23 @@ def test_penalties_discourage_seen_tokens():
     assert int(sample(logits, jax.random.key(0), SamplingParams.make(1, temperature=0.0), counts)[0]) == 0
 
 
+def test_per_row_keys_draw_what_each_row_draws_alone_whatever_the_others_use():
+    """The engine's rows are separate requests: with a key per row, a row's token depends
+    only on its own logits, settings and key (a neighbour using top-p sorts the batch; a
+    row with top-k and top-p off keeps every token either way)."""
+    logits = jax.random.normal(jax.random.key(3), (4, 50)) * 3
+    keys = jax.random.split(jax.random.key(4), 4)
+    settings = dict(temperature=[1.0, 0.7, 1.0, 0.0], top_p=[1.0, 1.0, 0.9, 1.0], top_k=[0, 5, 0, 0])
+    batch = sample(logits, keys, SamplingParams.make(4, **settings))
+    for b in range(4):
+        alone = sample(logits[b : b + 1], keys[b], SamplingParams.make(1, **{k: v[b] for k, v in settings.items()}))
+        assert int(batch[b]) == int(alone[0])
+    # Rows 0 and 3 again, now in a batch where no row needs the sort.
+    plain = {k: [v[0], v[3]] for k, v in settings.items()}
+    again = sample(logits[jnp.array([0, 3])], keys[jnp.array([0, 3])], SamplingParams.make(2, **plain))
+    assert again.tolist() == [int(batch[0]), int(batch[3])]
+
+
 # -------------------------------------------------------------------------- bad input
 
 
