@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from typing import Any, Literal, Optional, Sequence, get_args, get_origin
@@ -411,13 +412,16 @@ class DecodeConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty"):
+            _require(math.isfinite(getattr(self, name)), f"decode.{name}", f"must be finite, got {getattr(self, name)}")
         _require(self.max_new_tokens > 0, "decode.max_new_tokens", "must be positive")
         _require(self.temperature >= 0, "decode.temperature", f"must be >= 0, got {self.temperature}")
-        _require(self.top_k >= 0, "decode.top_k", "must be >= 0 (0 disables it)")
+        _require(0 <= self.top_k < 2**31, "decode.top_k", f"must be in [0, 2**31) (0 disables it), got {self.top_k}")
         _require(0 < self.top_p <= 1, "decode.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(0 <= self.min_p < 1, "decode.min_p", f"must be in [0, 1), got {self.min_p}")
         _require(self.repetition_penalty > 0, "decode.repetition_penalty", "must be positive")
         _require(self.beam_size >= 1, "decode.beam_size", "must be >= 1")
+        _require(-(2**63) <= self.seed < 2**63, "decode.seed", f"must fit in 64 signed bits, got {self.seed}")
 
     def sampling(self) -> dict:
         """The sampler settings, as `generate(..., sampling=...)` takes them."""

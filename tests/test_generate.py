@@ -113,6 +113,18 @@ def test_sampling_is_reproducible_for_a_seed():
     assert a[0] != a[1]  # rows draw independently
 
 
+def test_a_sampled_row_draws_what_its_prompt_alone_draws_with_seed_plus_its_row():
+    """Each row has its own key (row b: seed + b), so a sampled row does not depend on the
+    batch around it; prompts may also come as a numpy array."""
+    cfg, params = _model()
+    settings = dict(temperature=1.0, top_p=0.9, repetition_penalty=1.2)
+    prompts = [[1, 2, 3], [7, 8, 9]]
+    batched = generate(params, cfg, np.asarray(prompts), max_new_tokens=12, sampling=settings, seed=5).tokens
+    alone = [generate(params, cfg, [p], max_new_tokens=12, sampling=settings, seed=5 + b).tokens[0]
+             for b, p in enumerate(prompts)]
+    assert batched == alone
+
+
 def test_per_row_settings_in_one_batch():
     cfg, params = _model()
     greedy = generate(params, cfg, [[1, 2, 3]], max_new_tokens=8, sampling=GREEDY).tokens[0]
@@ -199,6 +211,11 @@ def test_per_row_keys_draw_what_each_row_draws_alone_whatever_the_others_use():
         (dict(prompts=[[1]], sampling=dict(tempreature=0.5)), ["tempreature", "temperature"]),
         (dict(prompts=["hello"]), ["tokenizer"]),
         (dict(prompts=[[1]], stop_sequences=[[]]), ["stop_sequences"]),
+        (dict(prompts=[[1]], stop_sequences=[[3, -1]]), ["stop_sequences", "outside [0, 64)", "-1"]),
+        (dict(prompts=[[1]], stop_tokens=[64]), ["stop_tokens", "outside"]),
+        (dict(prompts=[[1]], stop_sequences=["\n"]), ["stop_sequences are strings", "tokenizer"]),
+        (dict(prompts=[[1]], max_new_tokens=4.0), ["max_new_tokens must be an integer"]),
+        (dict(prompts=[[1]], seed=2**63), ["seed"]),
     ],
 )
 def test_bad_requests_are_refused_before_compiling(kwargs, words):
@@ -262,7 +279,8 @@ def test_the_decode_loop_writes_the_cache_in_place(int8):
     state = gen._prefill(params, cfg, tokens, lengths, jax.random.key(0), max_new_tokens=8,
                          cache_len=tokens.shape[1] + 8, stop_window=1, int8_cache=int8)
     params, cfg = gen.prepare_decoding_weights(params, cfg)
-    text = gen._decode.lower(params, cfg, state, SamplingParams.make(2, temperature=0.0), gen._stop_array([]), 8,
+    stops = gen._stop_array([], cfg.vocab_size)
+    text = gen._decode.lower(params, cfg, state, SamplingParams.make(2, temperature=0.0), stops, 8,
                              greedy=True).compile().as_text()
     L, B, S, K, H = state.cache.k.shape
     dtype = "s8" if int8 else "f32"

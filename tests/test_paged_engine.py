@@ -158,6 +158,19 @@ def test_engine_gives_each_request_what_generate_gives_it_alone(params, referenc
     assert snap["pages_available"] == ENGINE.num_pages - 1  # every page came back
 
 
+def test_prefill_chunks_wider_than_the_smallest_page_tables_or_the_context(params, reference):
+    """Pages of 2 tokens and chunks of 64 in a 32-token context: a call's page table always
+    covers its width, and no chunk is wider than the context (both crashed before)."""
+    config = dataclasses.replace(ENGINE, page_size=2, num_pages=80, prefill_chunk=64)
+    engine = Engine(params, CFG, config)
+    assert engine._prefill_widths() == [16, 32]
+    engine.warmup()
+    requests = [engine.submit(p, max_tokens=10, sampling=s, stop_sequences=[[5]], seed=i)
+                for i, (p, s) in enumerate(zip(PROMPTS, SETTINGS))]
+    engine.run_until_idle()
+    assert [r.output for r in requests] == reference
+
+
 def test_an_engine_on_the_pallas_kernel_gives_each_request_what_generate_gives_it(params, reference):
     """The same requests (preemption included) with decode steps through the Pallas kernel.
     Pages of 3 tokens: 11 cover the context, and the kernel's calls get power-of-two
@@ -286,6 +299,9 @@ def test_abort_frees_the_pages_of_a_running_request(params):
     (dict(prompt=[1] * 30, max_tokens=10), "context of 32"),
     (dict(prompt=[1], sampling=dict(top_p=0)), "top_p"),
     (dict(prompt=[1], sampling=dict(beam=2)), "unknown sampling settings"),
+    (dict(prompt=[1], sampling=dict(top_k=2**31)), r"top_k: must be in \[0, 2\*\*31\)"),
+    (dict(prompt=[1], sampling=dict(presence_penalty=float("nan"))), "presence_penalty: must be finite"),
+    (dict(prompt=[1], seed=2**63), "seed must be an integer that fits in 64 signed bits"),
 ])
 def test_engine_refuses_bad_requests_with_a_message(params, submit, message):
     engine = Engine(params, CFG, ENGINE)

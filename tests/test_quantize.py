@@ -102,3 +102,6 @@ def test_bad_settings_are_refused():
         quantize_params(params, CFG, bits=3)
     with pytest.raises(ValueError, match="group_size=48.*contraction size 64"):
         quantize_params(params, CFG, bits=4, group_size=48)
+    for bad in (0, -8, 8.5):
+        with pytest.raises(ValueError, match="group_size must be a positive integer"):
+            quantize_params(params, CFG, bits=4, group_size=bad)

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import json
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -97,6 +98,8 @@ def test_chat_uses_the_template_and_streams_the_same_text(served):
     (dict(model="tiny", prompt="x", top_p=0), openai.BadRequestError, "top_p"),
     (dict(model="tiny", prompt="x", n=2), openai.BadRequestError, "n=2"),
     (dict(model="tiny", prompt="x", extra_body={"temprature": 1}), openai.UnprocessableEntityError, "temprature"),
+    (dict(model="tiny", prompt="x", seed=2**63), openai.BadRequestError, "seed must be an integer that fits"),
+    (dict(model="tiny", prompt="x", extra_body={"top_k": 2**31}), openai.BadRequestError, "top_k: must be in"),
 ])
 def test_bad_requests_get_4xx_with_a_message(served, request_args, error, message):
     with pytest.raises(error, match=message):
@@ -165,6 +168,34 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(served):
         time.sleep(0.05)
     assert engine.stats["aborted"] == aborted + 1
     assert engine.snapshot()["pages_in_use"] == 0 and engine.snapshot()["running"] == 0
+    assert 'llm_jax_requests_total{finish_reason="abort"}' in _http(f"{served['url']}/metrics")[1]
+
+
+def test_a_whole_answer_whose_client_left_stops_generating(served):
+    """Without a stream the server has nothing to write until the end, so it asks whether
+    the client is still there while the tokens come."""
+    engine, loop = served["engine"], served["loop"]
+    aborted = engine.stats["aborted"]
+    body = json.dumps(dict(model="tiny", prompt="a long story", max_tokens=48, ignore_eos=True)).encode()
+    host, port = served["url"].split("//")[1].split(":")
+    loop.pause()  # the test steps the engine itself
+    try:
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            deadline = time.time() + 20
+            while not engine.has_work() and time.time() < deadline:
+                time.sleep(0.02)
+            for _ in range(3):
+                engine.step()
+        # The client is gone; the engine goes on stepping until the server notices.
+        while engine.stats["aborted"] == aborted and engine.has_work() and time.time() < deadline:
+            engine.step()
+            time.sleep(0.05)
+    finally:
+        loop.resume()
+    assert engine.stats["aborted"] == aborted + 1
+    assert engine.snapshot()["pages_in_use"] == 0
 
 
 def test_metrics_report_queue_running_throughput_and_time_to_first_token(served):
@@ -175,6 +206,53 @@ def test_metrics_report_queue_running_throughput_and_time_to_first_token(served)
         assert name in text
     count = next(line for line in text.splitlines() if line.startswith("llm_jax_time_to_first_token_seconds_count"))
     assert float(count.split()[-1]) >= 1
+    generated = next(line for line in text.splitlines() if line.startswith("llm_jax_generated_tokens_total"))
+    assert float(generated.split()[-1]) == served["engine"].stats["generated_tokens"] >= 4
+    assert _http(f"{served['url']}/v1/completions", b"x" * 5000)[0] == 413
+    assert 'llm_jax_rejected_requests_total{status="413"}' in _http(f"{served['url']}/metrics")[1]
+    # The rate covers the last `horizon` seconds: with nothing generated since, it falls to 0.
+    loop = served["loop"]
+    horizon, loop.horizon = loop.horizon, 0.2
+    try:
+        time.sleep(0.3)
+        assert loop.tokens_per_second() == 0.0
+    finally:
+        loop.horizon = horizon
+
+
+def test_a_request_without_max_tokens_gets_the_default_within_the_context_and_the_limit():
+    from llm_jax.inference.server import ApiError, _max_tokens
+
+    assert _max_tokens(None, 19, 256, context=64, limit=32) == 32  # the limit, not the 45 the context leaves
+    assert _max_tokens(None, 19, 256, context=64, limit=48) == 45
+    assert _max_tokens(None, 10, 16, context=64, limit=48) == 16
+    assert _max_tokens(40, 10, 16, context=64, limit=32) == 40  # asked for: the caller checks it against the limit
+    with pytest.raises(ApiError, match="max_tokens must be >= 1"):
+        _max_tokens(0, 10, 16, context=64, limit=32)
+
+
+def test_stop_strings_are_matched_in_the_text_and_held_back_while_streaming():
+    from llm_jax.inference.server import _StopText
+
+    # A stop string inside one piece (as inside one BPE token), across pieces, and none.
+    assert _StopText(["e"]).feed("the", False) == ("th", True)
+    stops = _StopText(["STOP"])
+    assert [stops.feed(piece, False) for piece in ("abcST", "O", "Px")] == [("abc", False), ("", False), ("", True)]
+    stops = _StopText(["STOP"])
+    assert [stops.feed(piece, False) for piece in ("abcST", "Ax")] == [("abc", False), ("STAx", False)]
+    assert stops.feed("yS", True) == ("yS", False)  # the last piece: nothing left to wait for
+
+
+def test_a_chat_template_that_refuses_the_conversation_says_why():
+    from llm_jax.inference.api_schema import ChatTemplateError
+
+    template = ChatTemplate("{% if messages[0].role != 'user' %}{{ raise_exception('start with a user turn') }}"
+                            "{% endif %}{{ messages[0].content }}")
+    assert template.render([ChatMessage(role="user", content="hi")]) == "hi"
+    with pytest.raises(ChatTemplateError, match="start with a user turn"):
+        template.render([ChatMessage(role="assistant", content="hi")])
+    with pytest.raises(ChatTemplateError, match="chat template failed"):
+        ChatTemplate("{{ nothing.here }}").render([ChatMessage(role="user", content="hi")])
 
 
 def test_serve_command_reports_a_missing_run_directory(tmp_path, capsys):

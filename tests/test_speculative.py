@@ -65,6 +65,16 @@ def test_greedy_with_the_target_as_draft_accepts_everything():
     assert out.target_calls == 1 + 3 < N_NEW
 
 
+def test_quantized_target_and_draft_give_the_quantized_targets_greedy_output():
+    from llm_jax.inference.quantize import quantize_params
+
+    target_params, draft_params = (quantize_params(p, TARGET, bits=8) for p in _models())
+    out = speculative_generate(target_params, TARGET, draft_params, DRAFT, PROMPTS[:2], max_new_tokens=N_NEW,
+                               n_draft=4, sampling=GREEDY)
+    expected = generate(target_params, TARGET, PROMPTS[:2], max_new_tokens=N_NEW, sampling=GREEDY).tokens
+    assert out.tokens == expected
+
+
 def test_a_stop_token_ends_its_row_and_is_removed():
     _, draft_params = _models()
     free = [_target_greedy(p) for p in PROMPTS]
@@ -135,6 +145,7 @@ def test_samples_follow_the_targets_distribution_not_the_drafts(settings):
         (dict(max_new_tokens=58, n_draft=4), ["n_draft=4", "max_new_tokens=58", "max_seq_len"]),
         (dict(draft_cfg=dataclasses.replace(DRAFT, max_seq_len=16), max_new_tokens=10), ["draft_cfg.max_seq_len"]),
         (dict(sampling=dict(repetition_penalty=1.2)), ["repetition_penalty"]),
+        (dict(stop_tokens=[64]), ["stop_tokens", "outside [0, 64)"]),
     ],
 )
 def test_bad_arguments_are_refused_naming_them(kwargs, words):

@@ -105,17 +105,35 @@ def find_chat_template(run_dir: str | pathlib.Path) -> str | None:
     return None
 
 
+class ChatTemplateError(ValueError):
+    """A chat template refused a conversation (its `raise_exception(...)`) or failed on it."""
+
+
+def _raise_exception(message: str):
+    raise ChatTemplateError(message)
+
+
 class ChatTemplate:
-    """A Jinja chat template, rendered in a sandbox (templates come with downloaded checkpoints)."""
+    """A Jinja chat template, rendered in a sandbox (templates come with downloaded checkpoints).
+
+    Templates may call `raise_exception(message)`, as Hugging Face templates do to refuse a
+    conversation (roles that do not alternate, say); `render` raises ChatTemplateError.
+    """
 
     def __init__(self, source: str | None = None, *, bos_token: str = "", eos_token: str = ""):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         self.source = DEFAULT_CHAT_TEMPLATE if source is None else source
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = _raise_exception
         self._template = env.from_string(self.source)
         self._specials = dict(bos_token=bos_token, eos_token=eos_token)
 
     def render(self, messages: list[ChatMessage]) -> str:
-        return self._template.render(messages=[m.model_dump(exclude_none=True) for m in messages],
-                                     add_generation_prompt=True, **self._specials)
+        import jinja2
+
+        try:
+            return self._template.render(messages=[m.model_dump(exclude_none=True) for m in messages],
+                                         add_generation_prompt=True, **self._specials)
+        except jinja2.TemplateError as e:
+            raise ChatTemplateError(f"the chat template failed on these messages: {e}") from None

@@ -289,10 +289,13 @@ class Engine:
         which the kernel never reads: it stops at each row's length)."""
         if width == 1 and self.kernel == "pallas":
             return _buckets(4, max(4, 1 << (self.max_pages - 1).bit_length()))
-        return _buckets(4, self.max_pages)
+        # A table holds at least the call's width of tokens (the model reads the chunk's
+        # positions against the table's slots).
+        return [b for b in _buckets(4, self.max_pages) if b * self.config.page_size >= width]
 
     def _prefill_widths(self) -> list[int]:
-        return _buckets(16, self.config.prefill_chunk)
+        """Compiled prefill widths: up to prefill_chunk, and never past the model's context."""
+        return _buckets(16, min(self.config.prefill_chunk, self.cfg.max_seq_len))
 
     def _prefill_shape(self, rows: list[Request], feeds: dict) -> tuple[int, int]:
         """[rows, width] of the prefill call: one row or prefill_rows, and the narrowest compiled
@@ -328,6 +331,8 @@ class Engine:
         if math.ceil(total / config.page_size) > self.pool.capacity:
             raise RequestError(f"the prompt plus max_tokens ({total} tokens) can never fit the KV-cache pool of "
                                f"{self.pool.capacity} pages x {config.page_size} tokens")
+        if not isinstance(r.seed, int) or not -(2**63) <= r.seed < 2**63:
+            raise RequestError(f"seed must be an integer that fits in 64 signed bits, got {r.seed!r}")
         if any(not s for s in r.stop_sequences):
             raise RequestError("stop sequences must not be empty")
         try:  # on the host: this runs on the server's event loop, which must not dispatch to the device
@@ -370,7 +375,11 @@ class Engine:
             if kind == "submit":
                 # The key is made here, on the engine's thread: `submit` runs on the server's
                 # event loop, which must not dispatch to the device.
-                r.key_data = np.asarray(jax.random.key_data(jax.random.key(r.seed)))
+                try:
+                    r.key_data = np.asarray(jax.random.key_data(jax.random.key(r.seed)))
+                except (OverflowError, TypeError, ValueError):  # `submit` validates seeds; this is a last guard
+                    self._finish(r, "error")
+                    continue
                 bisect.insort(self.waiting, r, key=lambda q: q.id)
             elif r.finish_reason is None:
                 if r in self.waiting:

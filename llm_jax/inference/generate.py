@@ -3,7 +3,9 @@
     prompts -> right-pad to a bucket -> prefill (one call) -> decode loop (one while_loop)
 
 Rows keep their own lengths in `cache.end`, so a short prompt batched with a long one
-gets exactly the tokens it would get alone. The loop stops when every row has produced
+gets exactly the tokens it would get alone. Each row also samples with its own key: row b
+of a call with `seed` draws what a call with its prompt alone and `seed + b` draws (the
+serving engine gives each request its key the same way), whatever else is in the batch. The loop stops when every row has produced
 a stop sequence or `max_new_tokens`. Streaming runs the same loop in chunks of
 `stream_interval` tokens, so Python is visited once per chunk, not once per token.
 """
@@ -48,7 +50,7 @@ class DecodeState:
     stop_len: jax.Array  # [B] length of the stop sequence that finished the row, 0 if none
     recent: jax.Array  # [B, M] the last M generated tokens, for matching stop sequences
     counts: jax.Array  # [B, V] occurrences in prompt + output, for the penalties
-    key: jax.Array
+    key: jax.Array  # generate: [B], one random key per row (speculative decoding keeps one)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,11 +159,11 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
         return (s.step < until_step) & ~jnp.all(s.done)
 
     def body(s: DecodeState):
-        if greedy:  # no draw, so the key stays as it is
+        if greedy:  # no draw, so the keys stay as they are
             key, next_B = s.key, jnp.argmax(s.logits, axis=-1).astype(jnp.int32)
-        else:
-            key, draw_key = jax.random.split(s.key)
-            next_B = sample(s.logits, draw_key, sp, s.counts)
+        else:  # each row splits its own key, as a batch of one would
+            key, draw_B = jax.vmap(jax.random.split, out_axes=1)(s.key)
+            next_B = sample(s.logits, draw_B, sp, s.counts)
         token_B = jnp.where(s.done, _NOT_GENERATED, next_B)
         live_B = ~s.done
         recent = jnp.concatenate([s.recent[:, 1:], token_B[:, None]], axis=1)
@@ -186,8 +188,21 @@ def _decode(params, cfg: ModelConfig, state: DecodeState, sp: SamplingParams, st
     return state.replace(cache=state.cache.to_cache()) if per_layer else state
 
 
+def row_keys(seed: int, batch: int) -> jax.Array:
+    """[batch] random keys, row b's `jax.random.key(seed + b)`: a row draws what it would
+    draw alone with that seed."""
+    if not isinstance(seed, (int, np.integer)) or not -(2**63) <= int(seed) <= 2**63 - batch:
+        raise ValueError(f"seed must be an integer that fits in 64 signed bits (with one more per row), got {seed!r}")
+    data = np.stack([np.asarray(jax.random.key_data(jax.random.key(int(seed) + b))) for b in range(batch)])
+    return jax.random.wrap_key_data(data)
+
+
 def _check_and_pad(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int):
-    if not prompts:
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        prompts = [list(row) for row in np.asarray(prompts)]
+    if not isinstance(max_new_tokens, (int, np.integer)) or isinstance(max_new_tokens, bool):
+        raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+    if len(prompts) == 0:
         raise ValueError("prompts: no prompts given")
     lengths = [len(p) for p in prompts]
     if min(lengths) == 0:
@@ -213,11 +228,14 @@ def _check_and_pad(cfg: ModelConfig, prompts: Sequence[Sequence[int]], max_new_t
     return jnp.asarray(padded), jnp.asarray(lengths, jnp.int32)
 
 
-def _stop_array(stop_sequences: Sequence[Sequence[int]]) -> np.ndarray:
+def _stop_array(stop_sequences: Sequence[Sequence[int]], vocab_size: int) -> np.ndarray:
     """Stop sequences right-aligned in an [S, M] array, left-padded with the wildcard."""
     seqs = [list(s) for s in stop_sequences]
     if any(len(s) == 0 for s in seqs):
         raise ValueError("stop_sequences: an empty stop sequence would stop at once")
+    bad = [t for s in seqs for t in s if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise ValueError(f"stop_sequences / stop_tokens: token ids outside [0, {vocab_size}): {bad[:5]}")
     width = max([len(s) for s in seqs], default=1)
     out = np.full((len(seqs), width), _WILDCARD, np.int32)
     for i, s in enumerate(seqs):
@@ -249,11 +267,11 @@ def stream(
         sampling = SamplingParams.make(B, **(sampling or {}))
     if stream_interval < 1:
         raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
-    stops = _stop_array(stop_sequences)
+    stops = _stop_array(stop_sequences, cfg.vocab_size)
     cache_len = tokens_BP.shape[1] + max_new_tokens
     params, cfg = prepare_decoding_weights(params, cfg)
     state = _prefill(
-        params, cfg, tokens_BP, lengths_B, jax.random.key(seed),
+        params, cfg, tokens_BP, lengths_B, row_keys(seed, B),
         max_new_tokens=max_new_tokens, cache_len=cache_len, stop_window=stops.shape[1], int8_cache=int8_cache,
     )
     emitted = [0] * B
@@ -298,10 +316,14 @@ def generate(
     without it the whole generation runs as a single jitted loop. `int8_cache` stores
     keys and values as int8 with per-token, per-head scales (half the cache memory of bf16).
     """
-    if prompts and isinstance(prompts[0], str):
+    if isinstance(prompts, (np.ndarray, jax.Array)):
+        prompts = [list(row) for row in np.asarray(prompts)]
+    if len(prompts) and isinstance(prompts[0], str):
         if tokenizer is None:
             raise ValueError("prompts are strings: pass a tokenizer, or give token ids")
         prompts = [tokenizer.encode(p) for p in prompts]
+    if tokenizer is None and any(isinstance(s, str) for s in stop_sequences):
+        raise ValueError("stop_sequences are strings: pass a tokenizer, or give token ids")
     stops = [tokenizer.encode(s) if isinstance(s, str) else list(s) for s in stop_sequences]
     stops += [[t] for t in stop_tokens]
     interval = stream_interval if on_tokens is not None else max_new_tokens

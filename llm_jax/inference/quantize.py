@@ -51,9 +51,15 @@ class QuantizedTensor:
         return self.values.size * bits // 8 + self.scale.nbytes
 
 
-def quantize_tensor(w: jax.Array, bits: int, axis: int, group_size: int | None = None) -> QuantizedTensor:
+def _check_options(bits, group_size) -> None:
     if bits not in _QMAX:
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
+        raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+    if group_size is not None and (not isinstance(group_size, int) or isinstance(group_size, bool) or group_size < 1):
+        raise ValueError(f"group_size must be a positive integer or None (one scale per channel), got {group_size!r}")
+
+
+def quantize_tensor(w: jax.Array, bits: int, axis: int, group_size: int | None = None) -> QuantizedTensor:
+    _check_options(bits, group_size)
     axis = axis % w.ndim
     width = w.shape[axis]
     # A group never spans more than the axis: a short axis gets one scale per channel.
@@ -90,6 +96,7 @@ def quantize_params(params, cfg: ModelConfig, bits: int = 8, group_size: int | N
     `group_size` None gives one scale per output channel; otherwise one per `group_size`
     slice of the contraction axis (an axis shorter than that gets one per channel).
     """
+    _check_options(bits, group_size)
     axes = param_logical_axes(cfg)
     flat_axes = dict(jax.tree_util.tree_leaves_with_path(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
 

@@ -33,8 +33,10 @@ import numpy as np
 
 from llm_jax.config import ModelConfig
 from llm_jax.inference.generate import _check_and_pad, _prefill
+from llm_jax.inference.quantize import dequantize_params
 from llm_jax.inference.sampling import SamplingParams, filter_logits
 from llm_jax.models import KVCache, Transformer
+from llm_jax.models.layers import compute_dtype
 
 _NOT_GENERATED = -1  # in the output buffer: no token
 
@@ -77,6 +79,7 @@ def _draw(key, probs_BV):
 def _propose(params, cfg: ModelConfig, cache: KVCache, last_B, sp, key, n_draft: int):
     """Draft tokens [B, K] and the draft distributions they were drawn from [B, K, V]."""
     model = Transformer(cfg)
+    params = dequantize_params(params, compute_dtype(cfg))  # quantized weights stay so between rounds
 
     def step(carry, step_key):
         cache, token_B = carry
@@ -178,7 +181,8 @@ def _speculate(
         start_B = s.target_cache.end  # == s.draft_cache.end
         drafts_BK, q_BKV, draft_cache = _propose(draft_params, draft_cfg, s.draft_cache, s.last, sp, draft_key, n_draft)
         fed_BT = jnp.concatenate([s.last[:, None], drafts_BK], axis=1)
-        logits_BTV, target_cache = target.apply({"params": target_params}, fed_BT, cache=s.target_cache)
+        weights = dequantize_params(target_params, compute_dtype(target_cfg))
+        logits_BTV, target_cache = target.apply({"params": weights}, fed_BT, cache=s.target_cache)
         p_BTV = jax.vmap(_probs, in_axes=(1, None), out_axes=1)(logits_BTV, sp)
         n_accepted_B, next_B = _verify(p_BTV, q_BKV, drafts_BK, verify_key)
         tokens, count_B, done_B, still_live_B = _keep(s, drafts_BK, n_accepted_B, next_B, stops_S, max_new_tokens)
@@ -261,6 +265,9 @@ def speculative_generate(
     tokens_BP = tokens_BP[:, : min(tokens_BP.shape[1], context - max_new_tokens - n_draft)]
     cache_len = tokens_BP.shape[1] + max_new_tokens + n_draft
 
+    bad = [t for t in stop_tokens if not 0 <= int(t) < target_cfg.vocab_size]
+    if bad:
+        raise ValueError(f"stop_tokens: token ids outside [0, {target_cfg.vocab_size}): {bad[:5]}")
     # Padded with -1, which matches no token, so that no or one stop token share a compilation.
     stops_S = np.full(max(len(stop_tokens), 1), -1, np.int32)
     stops_S[: len(stop_tokens)] = list(stop_tokens)
