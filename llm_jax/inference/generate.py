@@ -5,9 +5,10 @@
 Rows keep their own lengths in `cache.end`, so a short prompt batched with a long one
 gets exactly the tokens it would get alone. Each row also samples with its own key: row b
 of a call with `seed` draws what a call with its prompt alone and `seed + b` draws (the
-serving engine gives each request its key the same way), whatever else is in the batch. The loop stops when every row has produced
-a stop sequence or `max_new_tokens`. Streaming runs the same loop in chunks of
-`stream_interval` tokens, so Python is visited once per chunk, not once per token.
+serving engine gives each request its key the same way), whatever else is in the batch.
+The loop stops when every row has produced a stop sequence or `max_new_tokens`.
+Streaming runs the same loop in chunks of `stream_interval` tokens, so Python is visited
+once per chunk, not once per token.
 """
 
 from __future__ import annotations
