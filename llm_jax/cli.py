@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"llm-jax: config error: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, ImportError) as e:
         print(f"llm-jax: error: {e}", file=sys.stderr)
         return 2
 

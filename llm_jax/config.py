@@ -181,6 +181,8 @@ class ModelConfig:
         _check_literals(self)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
             _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
+        _require(math.isfinite(self.init_std) and self.init_std > 0, "model.init_std",
+                 f"must be a positive number, got {self.init_std}")
         _require(
             self.d_model % self.n_heads == 0,
             "model.n_heads",
@@ -297,7 +299,9 @@ class OptimConfig:
     lr: float = 3e-4
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 100
-    # The schedule decays to lr * min_lr_ratio at the last training step.
+    # optax's schedules: warmup rises from 0 (the first update has lr 0) to lr at step
+    # warmup_steps, then the decay reaches lr * min_lr_ratio at step train.steps (the last
+    # update, step train.steps - 1, runs just above it).
     min_lr_ratio: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -307,7 +311,11 @@ class OptimConfig:
 
     def __post_init__(self):
         _check_literals(self)
+        for name in ("lr", "min_lr_ratio", "b1", "b2", "eps", "weight_decay"):
+            _require(math.isfinite(getattr(self, name)), f"optim.{name}", f"must be finite, got {getattr(self, name)}")
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(self.eps > 0, "optim.eps", f"must be positive, got {self.eps}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
         _require(0 <= self.b1 < 1 and 0 <= self.b2 < 1, "optim.b1/b2", "must be in [0, 1)")
@@ -389,7 +397,8 @@ class TrainConfig:
             "train.microbatches",
             f"microbatches={self.microbatches} must divide batch_size={self.batch_size}",
         )
-        _require(self.z_loss >= 0, "train.z_loss", "must be >= 0")
+        _require(math.isfinite(self.z_loss) and self.z_loss >= 0, "train.z_loss", f"must be finite and >= 0, got "
+                 f"{self.z_loss}")
         _require(self.eval_steps >= 0, "train.eval_steps", "must be >= 0 (0 skips evaluation)")
         _require(self.sample_tokens >= 0, "train.sample_tokens", "must be >= 0 (0 skips the sample)")
         _require(self.distill_temperature > 0, "train.distill_temperature",
@@ -474,34 +483,55 @@ class ExperimentConfig:
 
 
 def override(config: Any, assignments: Sequence[str]) -> Any:
-    """Apply dotted `key=value` assignments (e.g. `model.n_layers=8`) to a frozen config."""
+    """Apply dotted `key=value` assignments (e.g. `model.n_layers=8`) to a frozen config.
+
+    All assignments are taken in before any section is rebuilt, and each section is rebuilt
+    once, so checks across fields see every new value together (`data.seq_len=256
+    model.max_seq_len=256` passes in either order). A key given twice keeps its last value.
+    """
+    tree: dict = {}
     for assignment in assignments:
         if "=" not in assignment:
             raise ConfigError(f"override {assignment!r} must look like key=value, e.g. model.n_layers=8")
-        key, raw = assignment.split("=", 1)
-        config = _set_path(config, key.strip().split("."), raw.strip(), key.strip())
-    return config
+        key, raw = (part.strip() for part in assignment.split("=", 1))
+        node, path = tree, key.split(".")
+        for i, name in enumerate(path[:-1]):
+            node = node.setdefault(name, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key {key!r}: {'.'.join(path[: i + 1])!r} was also given a value")
+        if isinstance(node.get(path[-1]), dict):
+            raise ConfigError(f"config key {key!r} is a section, and some of its fields are also given")
+        node[path[-1]] = (raw, key)
+    return _apply(config, tree)
 
 
-def _set_path(obj: Any, path: list[str], raw: str, full_key: str) -> Any:
+def _apply(obj: Any, tree: dict) -> Any:
+    """`obj` with the assignments of `tree` (name -> (raw, full key) or a subtree), rebuilt once."""
     names = [f.name for f in dataclasses.fields(obj)]
-    head = path[0]
-    if head not in names:
-        raise ConfigError(
-            f"unknown config key {full_key!r}: {type(obj).__name__} has no field {head!r}; "
-            f"valid keys here: {', '.join(names)}"
-        )
-    current = getattr(obj, head)
-    if len(path) > 1:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"config key {full_key!r}: {head!r} is a value, not a section")
-        value = _set_path(current, path[1:], raw, full_key)
-    else:
-        if dataclasses.is_dataclass(current):
-            sub = ", ".join(f"{head}.{f.name}" for f in dataclasses.fields(current))
-            raise ConfigError(f"config key {full_key!r} is a section; set one of its fields: {sub}")
-        value = _parse(raw, typing.get_type_hints(type(obj))[head], full_key)
-    return dataclasses.replace(obj, **{head: value})
+    changes = {}
+    for head, node in tree.items():
+        some_key = node[1] if isinstance(node, tuple) else _first_key(node)
+        if head not in names:
+            raise ConfigError(
+                f"unknown config key {some_key!r}: {type(obj).__name__} has no field {head!r}; "
+                f"valid keys here: {', '.join(names)}"
+            )
+        current = getattr(obj, head)
+        if isinstance(node, dict):
+            if not dataclasses.is_dataclass(current):
+                raise ConfigError(f"config key {some_key!r}: {head!r} is a value, not a section")
+            changes[head] = _apply(current, node)
+        else:
+            if dataclasses.is_dataclass(current):
+                sub = ", ".join(f"{head}.{f.name}" for f in dataclasses.fields(current))
+                raise ConfigError(f"config key {some_key!r} is a section; set one of its fields: {sub}")
+            changes[head] = _parse(node[0], typing.get_type_hints(type(obj))[head], node[1])
+    return dataclasses.replace(obj, **changes) if changes else obj
+
+
+def _first_key(tree: dict) -> str:
+    node = next(iter(tree.values()))
+    return node[1] if isinstance(node, tuple) else _first_key(node)
 
 
 def _parse(raw: str, tp: Any, key: str) -> Any:
@@ -522,9 +552,12 @@ def _parse(raw: str, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key} expects a bool (true/false), got {raw!r}")
     if tp in (int, float):
         try:
-            return tp(raw) if tp is float else int(raw)
+            value = tp(raw) if tp is float else int(raw)
         except ValueError:
             raise ConfigError(f"{key} expects {tp.__name__}, got {raw!r}") from None
+        if tp is float and not math.isfinite(value):
+            raise ConfigError(f"{key} expects a finite number, got {raw!r}")
+        return value
     if tp is str:
         return raw
     raise ConfigError(f"{key}: overriding a field of type {tp} from the command line is not supported")

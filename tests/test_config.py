@@ -61,6 +61,10 @@ def test_unknown_key_names_the_key_and_the_valid_choices():
         ("model=3", ["section", "model.n_layers"]),
         ("model.n_layers.x=3", ["model.n_layers.x", "not a section"]),
         ("model.n_layers", ["key=value"]),
+        ("optim.weight_decay=nan", ["optim.weight_decay", "finite"]),
+        ("optim.lr=inf", ["optim.lr", "finite"]),
+        ("optim.eps=-1", ["optim.eps", "positive"]),
+        ("model.init_std=0", ["model.init_std", "positive"]),
     ],
 )
 def test_bad_override_errors_say_what_is_wrong(assignment, words):
@@ -68,6 +72,18 @@ def test_bad_override_errors_say_what_is_wrong(assignment, words):
         override(ExperimentConfig(), [assignment])
     for word in words:
         assert word in str(e.value)
+
+
+def test_overrides_are_checked_together_whatever_their_order():
+    base = override(ExperimentConfig(), ["model.max_seq_len=128", "data.seq_len=128"])
+    for pair in (["data.seq_len=256", "model.max_seq_len=256"], ["model.max_seq_len=256", "data.seq_len=256"]):
+        cfg = override(base, pair)
+        assert cfg.data.seq_len == cfg.model.max_seq_len == 256
+    for pair in (["train.microbatches=3", "train.batch_size=6"], ["train.batch_size=6", "train.microbatches=3"]):
+        assert override(ExperimentConfig(), pair).train.microbatches == 3
+    assert override(ExperimentConfig(), ["model.n_layers=3", "model.n_layers=5"]).model.n_layers == 5  # last wins
+    with pytest.raises(ConfigError, match="seq_len=512 exceeds the model.s context model.max_seq_len=128"):
+        override(base, ["data.seq_len=512", "model.n_layers=3"])
 
 
 @pytest.mark.parametrize(

@@ -83,7 +83,8 @@ def _train_loss(output: str) -> float:
 
 
 def test_two_processes_run_the_train_loop_and_write_one_checkpoint(tmp_path):
-    """The whole `llm-jax train` loop (data by process, sharded state, collective checkpoint)."""
+    """The whole `llm-jax train` loop (data by process, sharded state, collective checkpoint,
+    an evaluation where the processes' validation shares differ in length)."""
     import math
 
     import jax
@@ -95,17 +96,24 @@ def test_two_processes_run_the_train_loop_and_write_one_checkpoint(tmp_path):
     texts = tmp_path / "texts"
     texts.mkdir()
     for i in range(12):  # documents for both processes' shares (each reads every other one)
-        (texts / f"doc{i}.txt").write_text(" ".join(f"line {i} word {j}" for j in range(60)))
+        (texts / f"doc{i:02d}.txt").write_text(" ".join(f"line {i} word {j}" for j in range(60)))
+    # The validation tail (data.split=tail): a long document for process 0, a short one for
+    # process 1, so their shares hold 3 and 1 batches; both must evaluate the same steps.
+    (texts / "zz_long.txt").write_text(" ".join(f"long word {j}" for j in range(180)))
+    (texts / "zz_short.txt").write_text(" ".join(f"short {j}" for j in range(18)))
     run_dir = tmp_path / "run"
     overrides = ["data.source=text", f"data.path={texts}", f"data.data_dir={tmp_path / 'prepared'}",
                  "data.tokenizer=char", "data.seq_len=32", "train.batch_size=8", "train.steps=3",
-                 "optim.warmup_steps=1", "train.eval_steps=0", "train.sample_tokens=0", "train.checkpoint_every=3",
+                 "optim.warmup_steps=1", "train.eval_steps=3", "train.eval_every=3", "data.split=tail",
+                 "data.validation_fraction=0.17", "train.sample_tokens=0", "train.checkpoint_every=3",
                  "train.progress_bar=false", "train.tensorboard=false", f"train.run_dir={run_dir}",
                  "mesh.data=2", "mesh.fsdp=2"]
     open_corpus(experiment.load("debug", overrides).data)  # prepared once here, so the two do not race
     outputs = _run_two_processes([sys.executable, "-m", "llm_jax.cli", "train", "--experiment", "debug", *overrides])
     losses = [_train_loss(out) for out in outputs]
     assert losses[0] == losses[1] and math.isfinite(losses[0])  # one global loss, seen by both
+    validation = [next(line for line in out.splitlines() if "validation loss" in line) for out in outputs]
+    assert validation[0] == validation[1]
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["3"]
     _, params, step = load_trained_model(run_dir)  # the collective write is one whole checkpoint
     assert step == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -76,6 +76,11 @@ def test_restarting_a_finished_run_resumes_and_checks_the_config(corpus_file, tm
     assert more.resumed_from == 10 and more.step == 20
     with pytest.raises(ConfigError, match="model.d_model: 64 -> 32"):
         train(_config(corpus_file, run_dir, **{"model.d_model": 32}), print_fn=lambda _: None)
+    # Another optimizer state would not restore: refused, and the checkpoints stay as they are.
+    with pytest.raises(ConfigError, match="optim.grad_clip: 1.0 -> None"):
+        train(_config(corpus_file, run_dir, **{"optim.grad_clip": "None"}), print_fn=lambda _: None)
+    assert Checkpointer(run_dir / "checkpoints").steps() == [10, 20]
+    assert not list((run_dir / "checkpoints").glob("*.corrupt*"))
 
 
 def _start(corpus_file, run_dir, steps):
@@ -139,10 +144,12 @@ def test_an_unfinished_save_is_ignored_and_a_corrupt_checkpoint_falls_back(corpu
 
 def test_too_many_non_finite_steps_stop_the_run(corpus_file, tmp_path):
     # An absurd learning rate turns the weights to inf after the first update; every later
-    # step is non-finite and skipped, and the run stops after max_bad_steps of them.
+    # step is non-finite and skipped, and the run stops after max_bad_steps of them, here
+    # steps 2-4, the last three (the last step's own count is checked too).
     cfg = _config(corpus_file, tmp_path / "run", **{"optim.lr": 1e30, "optim.grad_clip": "None",
-                                                    "optim.warmup_steps": 0, "train.max_bad_steps": 3})
-    with pytest.raises(TrainingDiverged, match="3 consecutive steps"):
+                                                    "optim.warmup_steps": 0, "train.max_bad_steps": 3,
+                                                    "train.steps": 4})
+    with pytest.raises(TrainingDiverged, match="3 consecutive steps .up to step 4"):
         train(cfg, print_fn=lambda _: None)
 
 
@@ -204,3 +211,50 @@ def test_checkpointer_keeps_the_newest_and_the_best(tmp_path):
     checkpointer.wait()
     assert checkpointer.steps() == [2, 5, 6]  # the best validation loss (step 2) and the newest two
     checkpointer.close()
+    # A restarted run still knows which one was best.
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    for step, loss in {7: 7.0, 8: 8.0}.items():
+        checkpointer.save(state.replace(step=state.step * 0 + step), iterator, cfg, validation_loss=loss)
+    checkpointer.wait()
+    assert checkpointer.steps() == [2, 7, 8]
+    checkpointer.close()
+
+
+def test_a_checkpoint_that_does_not_restore_leaves_the_data_iterator_as_it_was(tmp_path):
+    import dataclasses as dc
+
+    import grain
+    import jax
+
+    from llm_jax.config import ExperimentConfig
+    from llm_jax.training import init_train_state
+
+    cfg = ExperimentConfig()
+    iterator = iter(grain.MapDataset.range(10).to_iter_dataset())
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    for step in (1, 2):
+        next(iterator)
+        checkpointer.save(init_train_state(cfg.model, cfg.optim, 1000, jax.random.key(0)).replace(step=step),
+                          iterator, cfg)
+    (tmp_path / "2" / "config" / "metadata").write_text("{not json")  # a damaged config item
+    with pytest.warns(RuntimeWarning, match="2 could not be restored"):
+        assert checkpointer.newest_readable_config() == cfg
+    assert checkpointer.steps() == [1] and (tmp_path / "2.corrupt").is_dir()
+    # A state of another structure (no clipping: one transformation fewer) does not restore.
+    other = init_train_state(cfg.model, dc.replace(cfg.optim, grad_clip=None), 1000, jax.random.key(0))
+    fresh = iter(grain.MapDataset.range(10).to_iter_dataset())
+    with pytest.warns(RuntimeWarning, match="1 could not be restored"):
+        assert checkpointer.restore_latest(other, fresh) is None
+    assert next(fresh) == 0  # not moved to the set-aside checkpoint's position
+    checkpointer.close()
+
+
+def test_a_tokenizer_left_by_an_earlier_start_must_match_the_config(tmp_path):
+    from llm_jax.data.tokenizers import CharTokenizer
+    from llm_jax.training import loop
+
+    CharTokenizer(list("abc ")).save(tmp_path / "run" / "tokenizer")  # a first start, killed before a checkpoint
+    cfg = experiment.load("debug", ["data.tokenizer=sentencepiece"])
+    with pytest.raises(ConfigError, match="holds a char tokenizer .* but data.tokenizer='sentencepiece'"):
+        loop._tokenizer(cfg, None, tmp_path / "run")
+    assert loop._tokenizer(override(cfg, ["data.tokenizer=char"]), None, tmp_path / "run").vocab_size == 7

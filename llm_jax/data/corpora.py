@@ -131,9 +131,11 @@ def stdlib_sources() -> list[pathlib.Path]:
     return _walk(stdlib_root(), (".py",), skip_dirs=_THIRD_PARTY_DIRS)
 
 
-def stdlib_corpus(data_dir: str | os.PathLike, *, validation_fraction: float = 0.05) -> Corpus:
-    """The standard library's source as a corpus: one document per file, hash split."""
-    return prepare_text_corpus(stdlib_sources(), data_dir, validation_fraction=validation_fraction,
+def stdlib_corpus(data_dir: str | os.PathLike, *, validation_fraction: float = 0.05,
+                  split: str = "hash") -> Corpus:
+    """The standard library's source as a corpus: one document per file, hash split (or the
+    last files in sorted order, `split="tail"`)."""
+    return prepare_text_corpus(stdlib_sources(), data_dir, split=split, validation_fraction=validation_fraction,
                                name="stdlib")
 
 

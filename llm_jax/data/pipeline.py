@@ -108,7 +108,7 @@ def open_corpus(cfg: DataConfig) -> Corpus:
     """The train / validation documents that `cfg` names, prepared on first use."""
     data_dir = pathlib.Path(cfg.data_dir) if cfg.data_dir else default_data_dir()
     if cfg.source == "stdlib":
-        return corpora.stdlib_corpus(data_dir, validation_fraction=cfg.validation_fraction)
+        return corpora.stdlib_corpus(data_dir, validation_fraction=cfg.validation_fraction, split=cfg.split)
     if cfg.source == "text":
         if cfg.path is None:
             raise ConfigError("data.source=text needs data.path=FILE_OR_DIRECTORY")

@@ -64,6 +64,9 @@ class Checkpointer:
         ])
         options = ocp.CheckpointManagerOptions(
             preservation_policy=preservation,
+            # Without best_fn orbax keeps the metrics in memory only, and a restarted run would
+            # no longer know which checkpoint was best (and delete it).
+            best_fn=lambda m: m[VALIDATION_METRIC], best_mode="min",
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,  # leftovers of a save that was killed
         )
@@ -95,6 +98,7 @@ class Checkpointer:
         Returns None when the directory holds no checkpoint. Unreadable checkpoints are
         moved aside with a warning and older ones tried.
         """
+        initial = data_iterator.get_state()
         for step in reversed(self.steps()):
             try:
                 restored = self.manager.restore(
@@ -104,7 +108,10 @@ class Checkpointer:
                         data=grain.checkpoint.CheckpointRestore(data_iterator),
                     ),
                 )
+            except MemoryError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                data_iterator.set_state(initial)  # its data item may have been read before the failure
                 self._set_aside(step, e)
                 continue
             tree = restored["state"]
@@ -126,6 +133,16 @@ class Checkpointer:
         step = steps[-1] if step is None else step
         saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
         return from_dict(ExperimentConfig, saved["config"])
+
+    def newest_readable_config(self) -> ExperimentConfig | None:
+        """The config of the newest checkpoint whose config item reads; a checkpoint whose
+        config does not read is moved aside like one whose state does not restore."""
+        for step in reversed(self.steps()):
+            try:
+                return self.saved_config(step)
+            except Exception as e:  # noqa: BLE001 - a damaged config item: fall back to the previous checkpoint
+                self._set_aside(step, e)
+        return None
 
     def _set_aside(self, step: int, error: Exception) -> None:
         path = self.directory / str(step)

@@ -13,6 +13,7 @@ that run's frozen model (`llm_jax.finetune.distill`); evaluation stays the stude
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import pathlib
@@ -76,10 +77,11 @@ def _check_batch(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> int:
 
 
 def _check_resumable(saved: ExperimentConfig | None, cfg: ExperimentConfig, run_dir: pathlib.Path) -> None:
-    """Refuse to resume a run whose model or data changed: its checkpoint cannot fit."""
+    """Refuse to resume a run whose model, data or optimizer changed: its checkpoint would not
+    fit the new state (or would silently continue under other settings)."""
     if saved is None:
         return
-    for section in ("model", "data"):
+    for section in ("model", "data", "optim"):
         old, new = to_dict(getattr(saved, section)), to_dict(getattr(cfg, section))
         changed = {k: (old[k], new[k]) for k in new if old.get(k) != new[k]}
         if changed:
@@ -156,6 +158,14 @@ def _tokenizer(cfg: ExperimentConfig, corpus, run_dir: pathlib.Path) -> Tokenize
     saved = run_dir / "tokenizer"
     if (saved / "tokenizer.json").exists():
         tokenizer = load_tokenizer(saved)
+        # One this run trained on the fly earlier must be what the config asks for (a base
+        # run's or a teacher's, copied in for train.init_from / distill_from, is adopted as is).
+        kind = json.loads((saved / "tokenizer.json").read_text(encoding="utf-8")).get("kind")
+        adopted = cfg.train.init_from or cfg.train.distill_from or cfg.data.tokenizer_path
+        if not adopted and kind != cfg.data.tokenizer:
+            raise ConfigError(f"{saved} holds a {kind} tokenizer from an earlier start of this run, but "
+                              f"data.tokenizer={cfg.data.tokenizer!r}; use a new train.run_dir, set "
+                              f"data.tokenizer={kind!r}, or delete {saved}")
     else:
         tokenizer = make_tokenizer(cfg.data, corpus, cfg.model.vocab_size)
         if jax.process_index() == 0:
@@ -202,7 +212,7 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
         cfg = _adopt_base_model(cfg, pathlib.Path(cfg.train.init_from), run_dir, print_fn)
     if cfg.train.distill_from:
         _adopt_teacher_vocabulary(cfg, pathlib.Path(cfg.train.distill_from), run_dir)
-    _check_resumable(checkpointer.saved_config() if resuming else None, cfg, run_dir)
+    _check_resumable(checkpointer.newest_readable_config() if resuming else None, cfg, run_dir)
     run = _Run(cfg, run_dir, print_fn)
 
     corpus = open_corpus(cfg.data)
@@ -215,6 +225,11 @@ def train(cfg: ExperimentConfig, *, run_dir: str | pathlib.Path | None = None,
     val_batches, val_bytes = validation_batches(corpus.validation, n_batches=cfg.train.eval_steps,
                                                 vocab_size=cfg.model.vocab_size, **pipeline)
     if jax.process_count() > 1:  # each process scores its own rows; bits per byte needs all their bytes
+        # Every process must run the same evaluation steps (each is a collective): the fewest any has.
+        n_val = int(multihost_utils.process_allgather(np.asarray(len(val_batches))).min())
+        if n_val < len(val_batches):
+            val_batches, val_bytes = validation_batches(corpus.validation, n_batches=n_val,
+                                                        vocab_size=cfg.model.vocab_size, **pipeline)
         val_bytes = int(multihost_utils.process_allgather(np.asarray(val_bytes)).sum())
     if cfg.train.eval_steps and not val_batches:
         raise ValueError(f"the validation split ({len(corpus.validation)} documents) is too short for one batch "
@@ -268,15 +283,17 @@ def _loop(run: _Run, state, train_iter, val_batches, val_bytes, checkpointer, wr
         state, metrics = step_fn(state, batch)
         step += 1
         pending.append(metrics)
-        # Reading the previous step's counter waits only for that step, not the one just queued.
-        if previous is not None and int(previous["bad_in_a_row"]) >= tc.max_bad_steps:
-            raise TrainingDiverged(
-                f"{tc.max_bad_steps} consecutive steps (up to step {step - 1}) had a non-finite loss or gradient "
-                f"(train.max_bad_steps={tc.max_bad_steps}); stopping. Try a lower optim.lr, optim.grad_clip, or "
-                f"float32 compute (model.dtype=float32)")
+        # Reading the previous step's counter waits only for that step, not the one just queued;
+        # the last step's own counter is read before the final save.
+        last = step == tc.steps
+        for checked, upto in ((previous, step - 1), (metrics if last else None, step)):
+            if checked is not None and int(checked["bad_in_a_row"]) >= tc.max_bad_steps:
+                raise TrainingDiverged(
+                    f"{tc.max_bad_steps} consecutive steps (up to step {upto}) had a non-finite loss or gradient "
+                    f"(train.max_bad_steps={tc.max_bad_steps}); stopping. Try a lower optim.lr, optim.grad_clip, "
+                    f"or float32 compute (model.dtype=float32)")
         previous = metrics
         bar.update(1)
-        last = step == tc.steps
         if step % tc.log_every == 0 or last:
             fetched = jax.device_get(pending)
             pending = []
