@@ -69,6 +69,12 @@ def test_privacy_scrubs_each_kind_with_typed_placeholders():
     for kept in ("4111 1111 1111 1112", "999.1.1.1", "v3.11.4", "2024-01-05 12:30", "postgres://admin:<PASSWORD>@db.io"):
         assert kept in out
     assert privacy.luhn_valid("79927398713") and not privacy.luhn_valid("79927398710")
+    for phone in ("+14155552671", "1-800-555-0199", "+44 7700 900123", "+33 1 23 45 67 89", "(415) 555-2671",
+                  "415.555.2671", "415 555 2671"):
+        assert privacy.scrub(f"Call {phone}.")[0] == "Call <PHONE>.", phone
+    assert privacy.scrub("The server is at 10.0.0.1.")[0] == "The server is at <IP_ADDRESS>."  # a full stop after it
+    for numbers in ("Results for 2019 2020 2021 were stable.", "Scores: 12 34 56 78 90 11", "ids 1234 5678 9012"):
+        assert privacy.scrub(numbers)[0] == numbers
     assert privacy.scrub(text, privacy.PrivacyConfig(kinds=("ip_address",)))[1] == {"ip_address": 1}
 
 
@@ -108,6 +114,8 @@ def test_exact_and_near_duplicates():
     assert [index.add(0, "a", a), index.add(1, "c", c), index.add(2, "a", b)] == [None, None, "a"]  # ids may repeat
     same = dedup.ExactDedupConfig()
     assert dedup.exact_signature(base, same) == dedup.exact_signature(base.upper().replace(".", " ! "), same)
+    # Combining marks are letters' vowels in Devanagari: "day" and "gift" stay apart.
+    assert dedup.exact_signature("दिन", same) != dedup.exact_signature("दान", same)
     assert dedup.exact_signature(base, same) != dedup.exact_signature(edited, same)
 
 
@@ -288,6 +296,24 @@ def _docs(n: int = 60) -> list[Document]:
 
 
 CHAIN = [LOOSE_QUALITY, {"filter": "privacy"}, {"filter": "exact_dedup"}, {"filter": "near_dedup"}]
+
+
+def test_a_document_removed_after_dedup_does_not_remove_its_near_copy(tmp_path):
+    (tmp_path / "words.txt").write_text("badword\n")
+    text = prose(3, 200)
+    chain = Chain(parse_chain([{"filter": "near_dedup"},
+                               {"filter": "toxicity", "word_list": str(tmp_path / "words.txt"), "max_density": 0.05}]))
+    docs = [Document("toxic", text + " badword" * 20, 0), Document("clean", text, 1)]
+    assert [d.id for d in chain.run(docs)] == ["clean"]
+
+
+def test_the_code_preset_keeps_programs_that_differ_in_punctuation():
+    from llm_jax.data.curation.config import load_chain
+
+    chain = Chain(load_chain("code"))
+    programs = ["def add(a, b):\n    return a + b\n" * 6, "def add(a, b):\n    return a - b\n" * 6]
+    exact = next(s for s in chain.steps if s.filter == "exact_dedup")
+    assert exact.signature(programs[0]) != exact.signature(programs[1])
 
 
 def test_worker_processes_give_the_same_result():

@@ -327,6 +327,21 @@ def test_convert_to_a_run_directory_and_back(tmp_path):
     assert (exported["bos_token_id"], exported["eos_token_id"]) == (0, 1)
 
 
+def test_a_run_with_our_own_tokenizer_exports_its_special_ids(tmp_path):
+    from llm_jax.data.tokenizers import CharTokenizer
+    from llm_jax.interop.convert import convert_to_hf, write_run_dir
+    from llm_jax.models import init_params
+
+    cfg = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=4, d_ff=48, max_seq_len=32)
+    tokenizer = CharTokenizer(list("abc"))
+    write_run_dir(tmp_path / "run", init_params(cfg, jax.random.key(0)), cfg, tokenizer)
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        convert_to_hf(tmp_path / "run", tmp_path / "out")
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (exported["bos_token_id"], exported["eos_token_id"], exported["pad_token_id"]) == (
+        tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id)
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
@@ -349,6 +364,25 @@ def test_unsupported_model_type_names_the_supported_ones(llama_dir):
     with pytest.raises(InteropError, match="model_type='bert'") as e:
         load_hf_checkpoint(llama_dir)
     assert all(name in str(e.value) for name in ("llama", "mistral", "qwen2", "gpt2"))
+
+
+def test_malformed_config_and_index_files_are_named(llama_dir):
+    (llama_dir / "config.json").write_text("{not json")
+    with pytest.raises(InteropError, match="config.json is not valid JSON"):
+        load_hf_checkpoint(llama_dir)
+    (llama_dir / "config.json").write_text("[1, 2]")
+    with pytest.raises(InteropError, match="holds a JSON list"):
+        load_hf_checkpoint(llama_dir)
+
+
+def test_config_values_of_the_wrong_type_are_named(llama_dir):
+    _write_config(llama_dir, num_hidden_layers="2")
+    with pytest.raises(InteropError, match="model.n_layers must be a number, got '2'"):
+        load_hf_checkpoint(llama_dir)
+    _write_config(llama_dir, num_hidden_layers=2)
+    (llama_dir / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(InteropError, match="needs a \"weight_map\""):
+        load_hf_checkpoint(llama_dir)
 
 
 def test_unsupported_features_are_refused_by_name(llama_dir):

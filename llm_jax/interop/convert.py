@@ -16,6 +16,7 @@ import warnings
 import jax
 
 from llm_jax.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from llm_jax.data.tokenizers import Tokenizer, load_tokenizer
 from llm_jax.interop import weights
 from llm_jax.interop.families import FAMILIES
 from llm_jax.interop.hf_config import InteropError, family_of, read_hf_config, to_hf_config, to_model_config
@@ -47,15 +48,21 @@ def load_hf_checkpoint(hf_dir, mesh: jax.sharding.Mesh | None = None, *, scan_la
 
 
 def save_hf_checkpoint(params, cfg: ModelConfig, out_dir, *, tokenizer: HFTokenizer | None = None,
-                       dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
-    """Write params as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads."""
+                       dtype: str | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                       special_ids: Tokenizer | None = None) -> pathlib.Path:
+    """Write params as a directory `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    config.json takes its bos/eos/pad ids from `tokenizer` (whose files are written too) or,
+    for a tokenizer with no Hugging Face form, from `special_ids` (ids only).
+    """
     dtype = dtype or cfg.param_dtype
     if dtype not in weights.NP_DTYPES:
         raise InteropError(f"dtype={dtype!r} is not supported; choose one of {', '.join(weights.NP_DTYPES)}")
     hf = to_hf_config(cfg)  # refuses a model no family expresses, before anything is written
     hf["torch_dtype"] = dtype
-    if tokenizer is not None:
-        hf.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    ids_from = tokenizer if tokenizer is not None else special_ids
+    if ids_from is not None:
+        hf.update(bos_token_id=ids_from.bos_id, eos_token_id=ids_from.eos_id, pad_token_id=ids_from.pad_id)
     out_dir = pathlib.Path(out_dir)
     if (out_dir / "config.json").exists() or any(out_dir.glob("*.safetensors*")):
         raise InteropError(f"{out_dir} already holds a checkpoint; export into a new or empty directory")
@@ -117,21 +124,22 @@ def convert_to_hf(run_dir, out_dir, *, step: int | None = None, dtype: str | Non
     from llm_jax.training.checkpoint import load_trained_model
 
     config, params, _ = load_trained_model(run_dir, step=step)
-    tokenizer = _run_tokenizer(pathlib.Path(run_dir) / "tokenizer")
+    tokenizer, ours = _run_tokenizer(pathlib.Path(run_dir) / "tokenizer")
     return save_hf_checkpoint(params, config.model, out_dir, tokenizer=tokenizer, dtype=dtype,
-                              max_shard_bytes=max_shard_bytes)
+                              max_shard_bytes=max_shard_bytes, special_ids=ours)
 
 
-def _run_tokenizer(directory: pathlib.Path) -> HFTokenizer | None:
-    """The run's tokenizer if it is a Hugging Face one; ours have no Hugging Face form."""
+def _run_tokenizer(directory: pathlib.Path) -> tuple[HFTokenizer | None, Tokenizer | None]:
+    """(the run's tokenizer if it is a Hugging Face one, else None; else the run's own
+    tokenizer, whose special ids the exported config still needs)."""
     meta = directory / "tokenizer.json"
     if not meta.is_file():
         warnings.warn(f"{directory} holds no tokenizer: the export has weights and config only", stacklevel=3)
-        return None
+        return None, None
     kind = json.loads(meta.read_text(encoding="utf-8")).get("kind")
     if kind != KIND:
         warnings.warn(f"the run's tokenizer is of kind {kind!r}, which has no Hugging Face form; the export has "
-                      f"weights and config only (only tokenizers imported from Hugging Face are written back)",
-                      stacklevel=3)
-        return None
-    return HFTokenizer.load(directory)
+                      f"weights and config, with the tokenizer's bos/eos/pad ids, but no tokenizer files (only "
+                      f"tokenizers imported from Hugging Face are written back)", stacklevel=3)
+        return None, load_tokenizer(directory)
+    return HFTokenizer.load(directory), None

@@ -28,7 +28,13 @@ def read_hf_config(hf_dir: str | pathlib.Path) -> dict:
         raise FileNotFoundError(
             f"{hf_dir} has no {CONFIG_FILE}: a Hugging Face checkpoint directory holds config.json and "
             f"model.safetensors (or model.safetensors.index.json and its shards)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise InteropError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise InteropError(f"{path} holds a JSON {type(hf).__name__}, not an object of model settings")
+    return hf
 
 
 def family_of(hf: dict) -> Family:
@@ -139,6 +145,8 @@ def _coerce(fields: dict) -> dict:
     out = dict(fields)
     for name, value in fields.items():
         tp = hints[name]
+        if tp in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise InteropError(f"config.json: the value behind model.{name} must be a number, got {value!r}")
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             out[name] = float(value)
         elif tp is int and isinstance(value, float) and value.is_integer():

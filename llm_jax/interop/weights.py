@@ -80,7 +80,12 @@ def safetensors_files(hf_dir: pathlib.Path) -> list[pathlib.Path]:
     """The checkpoint's safetensors files (sharded via the index, or one file)."""
     index = hf_dir / INDEX_FILE
     if index.is_file():
-        names = list(dict.fromkeys(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InteropError(f"{index} is not a safetensors index: it needs a \"weight_map\" of tensor name -> "
+                               f"shard file ({type(e).__name__}: {e})") from None
+        names = list(dict.fromkeys(weight_map.values()))
         absent = [n for n in names if not (hf_dir / n).is_file()]
         if absent:
             raise FileNotFoundError(f"{index} names shards that are not in {hf_dir}: {', '.join(absent)}")

@@ -11,10 +11,11 @@ change shape, because no single worker sees every document:
                   smaller ordinal in one of its buckets has Jaccard >= threshold
 
 Dedup steps run one after another, each seeing only the documents still alive at it, as
-in the local runner. Exact dedup gives the same result as the local runner. Near dedup can
-differ in one case: in a chain A ~ B ~ C where A and C are not similar, the local runner
-keeps A and C (C is compared with the kept documents only), while Beam also removes C
-(C is compared with every earlier document, B included).
+in the local runner. Two cases differ from the local runner, whose indexes hold only the
+documents that end up kept. Here a document that a later filter removes can still make
+its copy a duplicate (both go). And for near dedup, in a chain A ~ B ~ C where A and C are
+not similar, the local runner keeps A and C (C is compared with the kept documents only),
+while Beam also removes C (C is compared with every earlier document, B included).
 
 Written against the DirectRunner here; the same pipeline takes `--runner=DataflowRunner`
 (or Spark / Flink) options, with a Beam source (e.g. `beam.io.ReadFromText` of JSONL,

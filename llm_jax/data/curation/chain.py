@@ -4,7 +4,7 @@ A step is one of three kinds:
 
     filter      text -> Removal | None                 (quality, classifier, toxicity, decontamination)
     transform   text -> (text, counts per kind)        (privacy)
-    dedup       text -> signature; index.add(...)      (exact_dedup, near_dedup)
+    dedup       text -> signature; index.find / insert (exact_dedup, near_dedup)
 
 Filters and transforms are pure, and a dedup step's signature is too, so one document's
 whole pass (`Chain.trace`) runs anywhere: in this process, in worker processes, or in a
@@ -251,14 +251,20 @@ class Chain:
         return {i: s.new_index() for i, s in enumerate(self.steps) if s.kind == "dedup"}
 
     def resolve(self, trace: Trace, indexes: dict[int, Any]) -> Outcome:
-        """Feed the dedup indexes (in input order) and decide the document's fate."""
+        """Decide the document's fate against the dedup indexes (fed in input order).
+
+        Only documents that end up in the corpus enter the indexes: a document that a later
+        step removes cannot make its near-copy a duplicate of something that is not there.
+        """
         limit = len(self.steps) if trace.stop is None else trace.stop
-        for i in sorted(trace.signatures):
-            if i >= limit:
-                break
-            first = indexes[i].add(trace.ordinal, trace.doc_id, trace.signatures[i])
+        dedup_steps = [i for i in sorted(trace.signatures) if i < limit]
+        for i in dedup_steps:
+            first = indexes[i].find(trace.signatures[i])
             if first is not None:
                 return Outcome(i, Removal(self.steps[i].rule, f"duplicate of {first}"))
+        if trace.stop is None:
+            for i in dedup_steps:
+                indexes[i].insert(trace.ordinal, trace.doc_id, trace.signatures[i])
         return Outcome(trace.stop, trace.removal)
 
     def record(self, report: Report, trace: Trace, outcome: Outcome) -> None:

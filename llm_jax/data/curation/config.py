@@ -154,7 +154,8 @@ PRESETS: dict[str, dict] = {
          "max_ellipsis_line_fraction": None, "max_bullet_line_fraction": None, "max_line_chars": 1000,
          "max_duplicate_line_fraction": None, "max_duplicate_paragraph_fraction": None,
          "max_top_ngram_fraction": None, "max_duplicate_ngram_fraction": {"10": 0.6}},
-        {"filter": "privacy"}, {"filter": "exact_dedup"}, {"filter": "near_dedup"}]},
+        # Punctuation is code: `a + b` and `a - b` are different programs.
+        {"filter": "privacy"}, {"filter": "exact_dedup", "normalize": False}, {"filter": "near_dedup"}]},
 }
 
 

@@ -19,14 +19,14 @@ estimates it (`verify="estimate"`, less memory). The LSH bands are tuned to favo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import re
+import sys
 import unicodedata
 from typing import Literal
 
 import numpy as np
 
-_NON_WORD = re.compile(r"[^\w\s]")
 # datasketch's 32-bit permutation scheme (its default since 2.0), named so that stored
 # signatures and the index always agree.
 _SCHEME = "affine32"
@@ -70,10 +70,20 @@ class NearDedupConfig:
             raise ValueError(f"near_dedup.verify must be 'exact' or 'estimate', got {self.verify!r}")
 
 
+@functools.cache
+def _punctuation_table() -> dict[int, str]:
+    """Every punctuation, symbol and control character (but "_") -> a space. Combining marks
+    stay: in Devanagari or Thai they are the vowels ("दिन", day, and "दान", gift, differ
+    only in theirs), and regex's \\w does not count them as word characters."""
+    return {cp: " " for cp in range(sys.maxunicode + 1)
+            if unicodedata.category(chr(cp))[0] in "PSC" and cp != ord("_")}
+
+
 def normalize(text: str) -> str:
-    """The text two documents must share to count as exact duplicates."""
+    """The text two documents must share to count as exact duplicates: NFKC, case-folded,
+    punctuation and symbols dropped, whitespace runs joined."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    return " ".join(_NON_WORD.sub(" ", text).split())
+    return " ".join(text.translate(_punctuation_table()).split())
 
 
 def exact_signature(text: str, cfg: ExactDedupConfig) -> str:
@@ -87,13 +97,20 @@ class ExactIndex:
     def __init__(self):
         self._first: dict[str, str] = {}
 
-    def add(self, ordinal: int, doc_id: str, signature: str) -> str | None:
-        """The id of the earlier document with this hash, or None (then this one is recorded)."""
+    def find(self, signature: str) -> str | None:
+        """The id of the recorded document with this hash, or None."""
+        return self._first.get(signature)
+
+    def insert(self, ordinal: int, doc_id: str, signature: str) -> None:
         del ordinal  # the hash is the key; input order decides which document comes first
-        if signature in self._first:
-            return self._first[signature]
-        self._first[signature] = doc_id
-        return None
+        self._first.setdefault(signature, doc_id)
+
+    def add(self, ordinal: int, doc_id: str, signature: str) -> str | None:
+        """`find`, and `insert` when there is no earlier document."""
+        first = self.find(signature)
+        if first is None:
+            self.insert(ordinal, doc_id, signature)
+        return first
 
 
 def shingles(text: str, n: int) -> set[bytes]:
@@ -171,19 +188,28 @@ class NearIndex:
         # Keyed by ordinal, which is unique even when documents' ids are not.
         self._signatures: dict[int, tuple[str, NearSignature]] = {}
 
-    def add(self, ordinal: int, doc_id: str, signature: NearSignature) -> str | None:
-        """The id of an earlier document this one nearly duplicates, or None (then it is indexed)."""
+    def _minhash(self, signature: NearSignature):
         from datasketch import MinHash
 
-        m = MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashvalues=signature.minhash, scheme=_SCHEME)
+        return MinHash(num_perm=self.cfg.num_perm, seed=self.cfg.seed, hashvalues=signature.minhash, scheme=_SCHEME)
+
+    def find(self, signature: NearSignature) -> str | None:
+        """The id of the indexed document this one most nearly duplicates, or None."""
         best, best_id = -1.0, None
-        for other in self._lsh.query(m):
+        for other in self._lsh.query(self._minhash(signature)):
             other_id, other_signature = self._signatures[other]
             score = similarity(signature, other_signature)
             if score > best:
                 best, best_id = score, other_id
-        if best >= self.cfg.threshold:
-            return best_id
-        self._lsh.insert(ordinal, m)
+        return best_id if best >= self.cfg.threshold else None
+
+    def insert(self, ordinal: int, doc_id: str, signature: NearSignature) -> None:
+        self._lsh.insert(ordinal, self._minhash(signature))
         self._signatures[ordinal] = (doc_id, signature)
-        return None
+
+    def add(self, ordinal: int, doc_id: str, signature: NearSignature) -> str | None:
+        """`find`, and `insert` when there is no earlier document."""
+        first = self.find(signature)
+        if first is None:
+            self.insert(ordinal, doc_id, signature)
+        return first

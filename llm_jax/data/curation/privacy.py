@@ -66,10 +66,23 @@ _ASSIGNED_KEY = re.compile(
 _EMAIL = re.compile(r"\b[A-Za-z0-9._%+-]{1,64}@(?:[A-Za-z0-9-]{1,63}\.){1,8}[A-Za-z]{2,24}\b")
 # 13-19 digits, optionally grouped by single spaces or dashes; Luhn decides.
 _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
-_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\d.])")
+# Not inside a longer dotted number, but a full stop may end the sentence after it.
+_IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+                   r"(?!\d|\.\d)")
 _IPV6 = re.compile(r"(?<![0-9A-Fa-f:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![0-9A-Fa-f:])")
-# +CC (area) 123-4567 and friends: digits in groups separated by a space, dot or dash.
-_PHONE = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]\d{2,4}){1,4}(?!\w|[ .:-]\d|[.-]\w)")
+# Phone numbers, in the shapes that say "phone" (plain runs of space-separated numbers,
+# such as years or scores, do not):
+#   +CC then groups of 1-8 digits (E.164 and international forms): +14155552671, +44 7700 900123
+#   a (area) code in parentheses: (415) 555-2671
+#   groups joined by one repeated dash or dot: 1-800-555-0199, 415.555.2671
+#   North American 3-3-4 with spaces: 415 555 2671
+_PHONE = re.compile(
+    r"(?<![\w+.-])(?:"
+    r"\+\d{1,3}(?:[ .-]?(?:\(\d{1,4}\)|\d{1,8})){1,6}"
+    r"|\(\d{2,4}\)[ .-]?\d{2,4}(?:[ .-]\d{2,5}){0,3}"
+    r"|\d{1,4}([.-])\d{2,4}(?:\1\d{2,5}){1,3}"
+    r"|\d{3} \d{3} \d{4}"
+    r")(?!\w|[ .:-]\d|[.-]\w)")
 _DATE = re.compile(r"\d{4}-\d\d-\d\d\b")
 
 
@@ -94,7 +107,9 @@ def _card(match: re.Match) -> bool:
 
 
 def _phone(match: re.Match) -> bool:
-    return 10 <= len(_digits(match.group())) <= 15 and not _DATE.match(match.group())
+    text = match.group()
+    least = 8 if text.startswith("+") else 10
+    return least <= len(_digits(text)) <= 15 and not _DATE.match(text)
 
 
 # kind -> (pattern, group to replace (0: the whole match), accept(match) or None)
