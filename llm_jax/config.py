@@ -209,6 +209,12 @@ class ModelConfig:
             "model.sliding_window",
             f"must be positive or None, got {self.sliding_window}",
         )
+        _require(self.sliding_window is None or self.mask == "causal", "model.sliding_window",
+                 f"is a causal window (the last sliding_window keys); model.mask={self.mask!r} would see every "
+                 f"later key however far: use mask='causal' or sliding_window=None")
+        _require(self.position != "rope" or self.head_dim % 2 == 0, "model.n_heads",
+                 f"RoPE rotates pairs of dimensions, so head_dim = d_model / n_heads must be even; d_model="
+                 f"{self.d_model} / n_heads={self.n_heads} gives {self.head_dim}")
         # T5 bucketing: half the buckets (per direction) are exact offsets, the rest log-spaced
         # up to relative_max_distance, which must therefore lie beyond the exact range.
         _require(self.relative_buckets >= 4, "model.relative_buckets", f"must be >= 4, got {self.relative_buckets}")

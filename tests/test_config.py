@@ -101,6 +101,8 @@ def test_overrides_are_checked_together_whatever_their_order():
         (dict(attention="dot_product", attention_dropout=0.1), "attention_dropout", "einsum"),
         (dict(relative_buckets=3), "relative_buckets", ">= 4"),
         (dict(relative_buckets=32, relative_max_distance=16), "relative_max_distance", "relative_buckets // 2"),
+        (dict(mask="bidirectional", sliding_window=4), "sliding_window", "mask='causal'"),
+        (dict(d_model=36, n_heads=4), "n_heads", "must be even"),
     ],
 )
 def test_model_config_rejects_bad_values_at_construction(kwargs, field, allowed):

@@ -24,8 +24,9 @@ def _env(devices: int, **extra) -> dict:
     return env
 
 
-def _run_two_processes(command: list[str]) -> list[str]:
-    """`command` as processes 0 and 1 of one jax.distributed job (two CPU devices each); their stdouts."""
+def _run_two_processes(command: list[str], expect_rc: int = 0) -> list[str]:
+    """`command` as processes 0 and 1 of one jax.distributed job (two CPU devices each); their
+    stdouts (or, when they are expected to fail, their stderrs)."""
     port = _free_port()
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -35,8 +36,18 @@ def _run_two_processes(command: list[str]) -> list[str]:
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
     for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outputs]
+        assert p.returncode == expect_rc, err[-3000:]
+    return [out if expect_rc == 0 else err for out, err in outputs]
+
+
+def test_a_mesh_whose_data_axes_do_not_span_the_processes_is_refused(tmp_path):
+    """With mesh.data = mesh.fsdp = 1 over two processes, the batch would be one array that
+    both processes fill with different rows of their own."""
+    errors = _run_two_processes([sys.executable, "-m", "llm_jax.cli", "train", "--experiment", "debug",
+                                 "mesh.data=1", "mesh.tensor=4", "train.batch_size=8",
+                                 f"train.run_dir={tmp_path / 'run'}"], expect_rc=2)
+    for err in errors:
+        assert "mesh.data x mesh.fsdp = 1 does not split the batch across the 2 JAX processes" in err
 
 
 def _losses(output: str) -> dict:

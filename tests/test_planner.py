@@ -104,6 +104,8 @@ def test_offloading_moves_bytes_from_device_to_host():
     (MeshConfig(data=8), {}, 12, r"12 rows per microbatch, which mesh.data x mesh.fsdp = 8 x 1 = 8 devices"),
     (MeshConfig(data=1, tensor=8), {}, 16, r"axis '(kv_)?heads' of size 4 cannot be split 8 ways"),
     (MeshConfig(data=2, pipeline=4), {"n_layers": 6}, 16, r"n_layers=6 cannot be cut into 4 pipeline stages"),
+    (MeshConfig(data=4, pipeline=2), {"dropout": 0.1}, 16, r"mesh.pipeline=2 needs .* no dropout"),
+    (MeshConfig(data=4, pipeline=2), {"scan_layers": False}, 16, r"model.scan_layers=False"),
 ])
 def test_layouts_that_cannot_work_are_refused_before_compiling(mesh, model, batch, message):
     cfg = dataclasses.replace(_cfg(mesh, **model), train=dataclasses.replace(BASE.train, batch_size=batch))

@@ -92,6 +92,11 @@ def check_layout(cfg: ExperimentConfig, n_devices: int) -> dict[str, int]:
             f"{micro} rows per microbatch, which mesh.data x mesh.fsdp = {sizes['data']} x {sizes['fsdp']} = "
             f"{rows} devices cannot split evenly; microbatch counts that fit: {fits or 'none'}")
     if sizes["pipeline"] > 1:
+        m = cfg.model
+        if not m.scan_layers or m.dropout > 0 or m.attention_dropout > 0:
+            raise ConfigError(f"mesh.pipeline={sizes['pipeline']} needs model.scan_layers=true and no dropout "
+                              f"(model.scan_layers={m.scan_layers}, model.dropout={m.dropout}, "
+                              f"model.attention_dropout={m.attention_dropout})")
         _schedule(cfg, sizes).check(cfg.model.n_layers, micro)
     _param_shardings(cfg.model, tuple(sizes.items()))  # checks every parameter axis against the mesh
     return sizes

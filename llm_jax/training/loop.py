@@ -73,6 +73,18 @@ def _check_batch(cfg: ExperimentConfig, mesh: jax.sharding.Mesh) -> int:
     if cfg.train.batch_size % jax.process_count():
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the "
                           f"{jax.process_count()} JAX processes")
+    if jax.process_count() > 1:
+        # Each process reads its own rows of the batch: its devices must hold exactly those,
+        # which needs the data axes to run across the processes.
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+        rows = set()
+        for index in sharding.addressable_devices_indices_map((cfg.train.batch_size,)).values():
+            rows.update(range(*index[0].indices(cfg.train.batch_size)))
+        if len(rows) * jax.process_count() != cfg.train.batch_size:
+            raise ConfigError(
+                f"mesh.data x mesh.fsdp = {ways} does not split the batch across the {jax.process_count()} JAX "
+                f"processes (each process reads its own rows, so the data axes must span the processes): "
+                f"make mesh.data * mesh.fsdp a multiple of {jax.process_count()}")
     return cfg.train.batch_size // jax.process_count()
 
 
