@@ -268,6 +268,23 @@ def test_prompts_files_and_encoded_pairs_refuse_what_cannot_train(tmp_path):
         preference_data([[2] * 8], [[4]], [[5]], max_len=8)
     data = preference_data([[2, 3]], [[4] * 10], [[5]], max_len=8)
     assert data.truncated == 1 and int(data.chosen.lengths[0]) == 8  # cut to fit, and counted
+    with pytest.raises(PreferenceDataError, match="pair 0: the chosen and rejected responses are the same within"):
+        preference_data([[2, 3]], [[4] * 6 + [5]], [[4] * 6 + [6]], max_len=8)  # they differ past the cut
+
+
+def test_a_preference_file_that_is_not_utf8_names_its_line(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(GOOD.encode() + b"\n" + b'{"prompt": "\xff"}\n')
+    with pytest.raises(PreferenceDataError, match="line 2: not valid UTF-8"):
+        read_preference_pairs(path)
+
+
+def test_ppo_rollouts_never_share_a_key_across_iterations():
+    from llm_jax.finetune.ppo import _rollout_seed
+
+    cfg = PPOConfig(iterations=5, rollout_batch_size=4, minibatch_size=2)
+    keys = [_rollout_seed(cfg, it) + row for it in range(1, 6) for row in range(4)]  # row b draws with seed + b
+    assert len(set(keys)) == len(keys) == 20
 
 
 @pytest.mark.parametrize("make, field", [

@@ -45,6 +45,9 @@ def test_jsonl_errors_name_the_line(tmp_path):
     bad_role = _write_jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])
     with pytest.raises(sft_data.DataError, match=r"c\.jsonl:1: messages\[0\] has role 'bot'"):
         sft_data.read_jsonl(bad_role)
+    (tmp_path / "d.jsonl").write_bytes(json.dumps(good).encode() + b"\n" + b'{"instruction": "\xff"}\n')
+    with pytest.raises(sft_data.DataError, match=r"d\.jsonl:2: not valid UTF-8"):
+        sft_data.read_jsonl(tmp_path / "d.jsonl")
 
 
 def test_instruction_and_chat_examples_read_as_conversations(tmp_path):
@@ -171,3 +174,20 @@ def test_finetune_refuses_a_missing_data_file_and_a_bad_template(runs):
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         finetune(finetune_config(root / "base", [f"sft.train_path={root / 'nope.jsonl'}",
                                                  f"train.run_dir={root / 'x'}"]), print_fn=lambda _: None)
+
+
+def test_finetune_refuses_what_would_lose_or_waste_a_run(runs):
+    root, _, _ = runs
+    data = f"sft.train_path={root / 'train.jsonl'}"
+    with pytest.raises(ConfigError, match="is the base run itself"):  # its checkpoint would be set aside
+        finetune(finetune_config(root / "base", [data, f"train.run_dir={root / 'base'}"]), print_fn=lambda _: None)
+    # Resuming the finished run with another optimizer: refused, its checkpoints untouched.
+    before = sorted(p.name for p in (root / "full" / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="optim.name: 'adamw' -> 'lion'"):
+        finetune(finetune_config(root / "base", [data, "train.batch_size=8", "data.seq_len=64", "optim.lr=3e-3",
+                                                 "optim.name=lion", f"train.run_dir={root / 'full'}"]),
+                 print_fn=lambda _: None)
+    assert sorted(p.name for p in (root / "full" / "checkpoints").iterdir()) == before
+    with pytest.raises(ConfigError, match="no training example has a response token within its first 5 tokens"):
+        finetune(finetune_config(root / "base", [data, "data.seq_len=4", f"train.run_dir={root / 'short'}"]),
+                 print_fn=lambda _: None)

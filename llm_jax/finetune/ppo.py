@@ -218,6 +218,12 @@ class PPOResult:
     truncated_prompts: int  # prompts cut from the left to fit
 
 
+def _rollout_seed(cfg, iteration: int) -> int:
+    """`generate`'s seed for an iteration's rollouts. Row b samples with seed + b, so the
+    iterations' seeds lie rollout_batch_size apart: no two rollouts of a run share a key."""
+    return (cfg.seed * cfg.iterations + iteration - 1) * cfg.rollout_batch_size
+
+
 def train_ppo(lm_params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], reward_fn: RewardFn,
               cfg: PPOConfig, *, eos_id: int | None = None, pad_id: int = 0, reference_params=None,
               print_fn: Callable[[str], None] = print) -> PPOResult:
@@ -230,14 +236,16 @@ def train_ppo(lm_params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]
     width = min(model_cfg.max_seq_len, -(-longest // _WIDTH_BUCKET) * _WIDTH_BUCKET + cfg.max_new_tokens)
     tuned, frozen = split_tuned(lm_params, model_cfg)
     policy = {"lm": tuned, "value_head": init_scalar_head(model_cfg.d_model)}
-    state = new_train_state(policy, optimizer(cfg.optim, cfg.iterations), cfg.seed)
+    # The schedule runs over every optimizer step: ppo_epochs passes of the rollout's minibatches per iteration.
+    steps = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.minibatch_size)
+    state = new_train_state(policy, optimizer(cfg.optim, steps), cfg.seed)
     frozen = committed_like(frozen, state.params)
     batches = index_batches(len(prompts), cfg.rollout_batch_size, cfg.seed)
     history = []
     for it in range(1, cfg.iterations + 1):
         batch = [prompts[i] for i in next(batches)]
         responses = sample_responses(with_frozen(state.params["lm"], frozen), model_cfg, batch, cfg,
-                                     seed=cfg.seed * 100_003 + it, eos_id=eos_id)
+                                     seed=_rollout_seed(cfg, it), eos_id=eos_id)
         scores = _scores(reward_fn, batch, responses)
         seqs = pack(batch, responses, width, pad_id)
         rollout, metrics = score_rollout(state.params, frozen, reference_params, seqs, scores, model_cfg=model_cfg,

@@ -136,6 +136,10 @@ def preference_data(prompts: Sequence[Sequence[int]], chosen: Sequence[Sequence[
         truncated += len(c) > room or len(r) > room
         cut_chosen.append(list(c)[:room])
         cut_rejected.append(list(r)[:room])
+        if cut_chosen[-1] == cut_rejected[-1]:
+            raise PreferenceDataError(f"{where(i)}: the chosen and rejected responses are the same within "
+                                      f"max_len={max_len} ({room} response tokens after the prompt), so the pair "
+                                      f"teaches nothing; raise max_len or drop the pair")
     longest = max(len(p) + max(len(c), len(r)) for p, c, r in zip(prompts, cut_chosen, cut_rejected))
     width = _width(longest, max_len)
     prompts = [list(p) for p in prompts]

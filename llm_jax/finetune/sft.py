@@ -32,6 +32,7 @@ from llm_jax.models import init_params
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.rules import param_shardings, sharding_context
 from llm_jax.training.checkpoint import Checkpointer, load_trained_model
+from llm_jax.training.loop import _check_resumable
 from llm_jax.training.metrics import MetricsWriter, format_duration
 from llm_jax.training.step import train_state_shardings
 
@@ -102,9 +103,14 @@ def _check(cfg: ExperimentConfig, mesh, saved: ExperimentConfig | None, run_dir:
     if micro % ways:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} "
                           f"= {micro} rows cannot split over the {ways} data x fsdp devices")
-    if saved is not None and saved.model != cfg.model:
-        raise ConfigError(f"{run_dir} holds checkpoints of a different model or PEFT config; use a new "
-                          f"train.run_dir or the old settings")
+    if saved is not None:
+        if saved.train.init_from != cfg.train.init_from:
+            raise ConfigError(f"{run_dir} holds checkpoints of another run (train.init_from={saved.train.init_from!r}, "
+                              f"not {cfg.train.init_from!r}); fine-tune into a new --out directory")
+        if saved.model != cfg.model:
+            raise ConfigError(f"{run_dir} holds checkpoints of a different model or PEFT config; use a new "
+                              f"train.run_dir or the old settings")
+        _check_resumable(saved, cfg, run_dir)  # data and optimizer too: another optimizer state would not restore
     return cfg.train.batch_size // jax.process_count()
 
 
@@ -167,11 +173,14 @@ def finetune(cfg: ExperimentConfig, *, print_fn: Callable[[str], None] = print) 
     if not cfg.train.init_from:
         raise ConfigError("train.init_from: fine-tuning needs a base run directory (llm-jax finetune --base RUN_DIR)")
     base_dir, run_dir = pathlib.Path(cfg.train.init_from).absolute(), pathlib.Path(cfg.train.run_dir)
+    if run_dir.absolute().resolve() == base_dir.resolve():
+        raise ConfigError(f"train.run_dir={run_dir} is the base run itself; fine-tune into a new --out directory "
+                          f"(the base's checkpoints must stay as they are)")
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(base_dir)))
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = Checkpointer(run_dir / "checkpoints", keep=cfg.train.keep_checkpoints)
     mesh = make_mesh(cfg.mesh)
-    local_batch = _check(cfg, mesh, checkpointer.saved_config() if checkpointer.steps() else None, run_dir)
+    local_batch = _check(cfg, mesh, checkpointer.newest_readable_config() if checkpointer.steps() else None, run_dir)
     tokenizer = _tokenizer(base_dir, run_dir)
     template = sft_data.get_template(cfg.sft.template)
     train_examples, val_examples = _examples(cfg.sft)
@@ -182,7 +191,12 @@ def finetune(cfg: ExperimentConfig, *, print_fn: Callable[[str], None] = print) 
     train_iter = iter(sft_data.sft_batches(train_examples, train=True, seed=cfg.train.seed, **pipeline))
     val_batches = list(sft_data.sft_batches(val_examples, train=False, **pipeline))[: cfg.train.eval_steps or None] \
         if val_examples and cfg.train.eval_steps else []
-    too_long = sum(len(sft_data.encode(m, template, tokenizer)[0]) > seq_len + 1 for m in train_examples)
+    encoded = [sft_data.encode(m, template, tokenizer) for m in train_examples]
+    if not cfg.sft.train_on_prompt and not any(mask[1 : seq_len + 1].any() for _, mask in encoded):
+        raise ConfigError(f"data.seq_len={seq_len}: no training example has a response token within its first "
+                          f"{seq_len + 1} tokens (every prompt is longer), so nothing would train; raise "
+                          f"data.seq_len (up to model.max_seq_len={cfg.model.max_seq_len})")
+    too_long = sum(len(ids) > seq_len + 1 for ids, _ in encoded)
     if too_long:  # kept, cut at their end (their answers lose their tail, or all of it)
         print_fn(f"warning: {too_long} of {len(train_examples)} training examples are longer than data.seq_len + 1 = "
                  f"{seq_len + 1} tokens and are cut to that length; raise data.seq_len (up to model.max_seq_len="
