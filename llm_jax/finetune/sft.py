@@ -32,7 +32,7 @@ from llm_jax.models import init_params
 from llm_jax.parallel.mesh import make_mesh
 from llm_jax.parallel.rules import param_shardings, sharding_context
 from llm_jax.training.checkpoint import Checkpointer, load_trained_model
-from llm_jax.training.loop import _check_resumable
+from llm_jax.training.loop import _check_batch, _check_resumable
 from llm_jax.training.metrics import MetricsWriter, format_duration
 from llm_jax.training.step import train_state_shardings
 
@@ -98,11 +98,7 @@ def _tokenizer(base_dir: pathlib.Path, run_dir: pathlib.Path) -> Tokenizer:
 
 def _check(cfg: ExperimentConfig, mesh, saved: ExperimentConfig | None, run_dir: pathlib.Path) -> int:
     """Rows per process, after checking the batch splits over the mesh and a resumed run fits."""
-    ways = mesh.shape["data"] * mesh.shape["fsdp"]
-    micro = cfg.train.batch_size // cfg.train.microbatches
-    if micro % ways:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} / train.microbatches={cfg.train.microbatches} "
-                          f"= {micro} rows cannot split over the {ways} data x fsdp devices")
+    local_batch = _check_batch(cfg, mesh)  # pretraining's check: the same batch layout
     if saved is not None:
         if saved.train.init_from != cfg.train.init_from:
             raise ConfigError(f"{run_dir} holds checkpoints of another run (train.init_from={saved.train.init_from!r}, "
@@ -111,7 +107,7 @@ def _check(cfg: ExperimentConfig, mesh, saved: ExperimentConfig | None, run_dir:
             raise ConfigError(f"{run_dir} holds checkpoints of a different model or PEFT config; use a new "
                               f"train.run_dir or the old settings")
         _check_resumable(saved, cfg, run_dir)  # data and optimizer too: another optimizer state would not restore
-    return cfg.train.batch_size // jax.process_count()
+    return local_batch
 
 
 def _start(cfg: ExperimentConfig, base_params, mesh):
